@@ -1,0 +1,154 @@
+"""Tests for protoclr.evaluate: kNN against a float64 brute force and scikit-learn, extraction, cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from protoclr import evaluate as ev
+
+
+def _knn_reference(train, train_y, test, *, num_classes, k, temperature):
+    """One test row at a time, float64, full sort: the formula of Wu et al. 2018 written out."""
+    train = train.double() / train.double().norm(dim=1, keepdim=True)
+    test = test.double() / test.double().norm(dim=1, keepdim=True)
+    out = torch.zeros(test.shape[0], num_classes, dtype=torch.float64)
+    for i in range(test.shape[0]):
+        sims = [(float(test[i] @ train[j]), j) for j in range(train.shape[0])]
+        sims.sort(reverse=True)
+        for s, j in sims[:k]:
+            out[i, int(train_y[j])] += math.exp(s / temperature)
+    return out
+
+
+@pytest.mark.parametrize("k,temperature,chunk_size", [(1, 0.1, None), (7, 0.07, 3), (60, 0.5, 1000)])
+def test_knn_predict_matches_float64_reference(k, temperature, chunk_size):
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(60, 5, generator=g), torch.randn(13, 5, generator=g)
+    train_y = torch.randint(0, 4, (60,), generator=g)
+    got = ev.knn_predict(train, train_y, test, num_classes=4, k=k, temperature=temperature, chunk_size=chunk_size)
+    want = _knn_reference(train, train_y, test, num_classes=4, k=k, temperature=temperature)
+    assert got.dtype == torch.float32 and got.shape == (13, 4)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    got64 = ev.knn_predict(train.double(), train_y, test.double(), num_classes=4, k=k, temperature=temperature)
+    torch.testing.assert_close(got64, want, rtol=1e-10, atol=1e-12)
+
+
+def test_knn_chunking_does_not_change_scores():
+    g = torch.Generator().manual_seed(1)
+    train, test, y = torch.randn(300, 16, generator=g), torch.randn(101, 16, generator=g), torch.randint(0, 10, (300,))
+    a = ev.knn_predict(train, y, test, num_classes=10, k=20, chunk_size=1)
+    b = ev.knn_predict(train, y, test, num_classes=10, k=20, chunk_size=7)
+    c = ev.knn_predict(train, y, test, num_classes=10, k=20)
+    # float32 matmuls of different row blocks round differently: relative 1e-5, not bitwise
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=0)
+
+
+def test_knn_separable_clusters_are_perfect():
+    g = torch.Generator().manual_seed(2)
+    centers = torch.eye(8)[:5] * 10  # (C, D) orthogonal directions
+    y_train, y_test = torch.arange(5).repeat(40), torch.arange(5).repeat(10)
+    train = centers[y_train] + torch.randn(200, 8, generator=g)
+    test = centers[y_test] + torch.randn(50, 8, generator=g)
+    acc = ev.knn_accuracy(train, y_train, test, y_test, num_classes=5, k=20)
+    assert acc == {"top1": 1.0, "top5": 1.0}
+
+
+def test_knn_matches_sklearn_on_digits():
+    datasets = pytest.importorskip("sklearn.datasets")
+    neighbors = pytest.importorskip("sklearn.neighbors")
+    x, y = datasets.load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float64) + 0.01  # no all-zero rows
+    x = x - x.mean(0)  # centring makes cosine neighbourhoods informative
+    y = torch.tensor(y)
+    tr, te = slice(0, 1200), slice(1200, None)
+    k, t = 15, 0.1
+    scores = ev.knn_predict(x[tr], y[tr], x[te], num_classes=10, k=k, temperature=t)
+    weights = lambda d: torch.exp((1 - torch.tensor(d)) / t).numpy()  # noqa: E731  cosine distance = 1 - sim
+    clf = neighbors.KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute", weights=weights)
+    clf.fit(x[tr].numpy(), y[tr].numpy())
+    want = torch.tensor(clf.predict(x[te].numpy()))
+    assert (scores.argmax(1) == want).double().mean().item() == 1.0
+    acc = ev.knn_accuracy(x[tr], y[tr], x[te], y[te], num_classes=10, k=k, temperature=t)
+    assert acc["top1"] == pytest.approx(float((want == y[te]).double().mean()))
+    assert acc["top1"] > 0.9 and acc["top5"] >= acc["top1"]
+
+
+def test_topk_accuracy_hand_values():
+    scores = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    labels = torch.tensor([2, 0, 0, 2])
+    acc = ev.topk_accuracy(scores, labels, ks=(1, 2, 5))
+    assert acc == {"top1": 0.25, "top2": 0.5, "top5": 1.0}
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(k=0), "k must be a positive"),
+        (dict(k=11), "k=11 exceeds"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(num_classes=2), "train_labels must lie"),
+        (dict(test_features=torch.randn(4, 3)), "dimension 3"),
+        (dict(train_labels=torch.zeros(9, dtype=torch.long)), "one label per feature row"),
+        (dict(train_features=torch.randn(10)), "2-D tensor"),
+        (dict(train_labels=torch.zeros(10)), "integer class indices"),
+    ],
+)
+def test_knn_bad_inputs_raise(kwargs, match):
+    args = dict(
+        train_features=torch.randn(10, 4),
+        train_labels=torch.arange(10) % 3,
+        test_features=torch.randn(4, 4),
+        num_classes=3,
+        k=5,
+    )
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ev.knn_predict(args.pop("train_features"), args.pop("train_labels"), args.pop("test_features"), **args)
+
+
+class _Images:
+    """Minimal stand-in for protoclr.data.LabeledImages: labels and get_images(indices)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def get_images(self, idx):
+        return self.images[idx]
+
+
+def test_extract_features_batches_and_cache(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (23, 3, 4, 4), dtype=torch.uint8, generator=g)
+    data = _Images(images, torch.arange(23) % 2)
+    weight = torch.randn(48, 6, generator=g)
+    calls = []
+
+    def model_fn(x):
+        calls.append(x.shape[0])
+        return x.flatten(1) @ weight
+
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(b"x")
+    cache = ev.feature_cache_path(tmp_path / "cache", ckpt, split="toy:test")
+    feats, labels = ev.extract_features(model_fn, data, batch_size=5, cache=cache)
+    assert calls == [5, 5, 5, 5, 3]
+    torch.testing.assert_close(feats, (images.double() / 255).flatten(1).float() @ weight)
+    assert torch.equal(labels, torch.arange(23) % 2)
+    assert cache.is_file() and not list(cache.parent.glob("*.tmp"))
+    feats2, labels2 = ev.extract_features(model_fn, data, batch_size=5, cache=cache)
+    assert len(calls) == 5 and torch.equal(feats, feats2) and torch.equal(labels, labels2)
+    # a rewritten checkpoint gets a new key; another split too
+    assert ev.feature_cache_path(tmp_path / "cache", ckpt, split="toy:train") != cache
+    bare, none = ev.extract_features(model_fn, images, batch_size=100)
+    assert none is None
+    torch.testing.assert_close(bare, feats)
+    with pytest.raises(ValueError, match="batch_size"):
+        ev.extract_features(model_fn, images, batch_size=0)
