@@ -1,0 +1,293 @@
+"""One typed, nested config: the single source of truth for every default.
+
+    cfg = load_config("configs/cifar10_resnet18.yaml", ["optim.base_lr=0.6", "train.epochs=10"])
+    cfg = load_config(None)          # the CPU default: Fashion-MNIST, convnet, balanced loss
+
+A YAML file holds any subset of the sections below (``yaml.safe_load``); ``key=value`` overrides are applied
+after it, their values parsed as YAML scalars (``0.1``, ``true``, ``[a, b]``). Unknown keys, wrong types and
+out-of-range values raise :class:`ConfigError` naming the key. Every field below states its default and unit;
+``protoclr pretrain --print-config`` prints the resolved result.
+
+Derived values are computed in one place, :meth:`Config.lr`: ``lr = base_lr * batch_size / 256``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key that is unknown, has the wrong type, or is out of range (the message names the key)."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"  # name in protoclr.data.DATASETS
+    root: str = "/usr/share/datasets/fashion-mnist"  # where the dataset lives
+    download: bool = False  # fetch the dataset if missing (needs network)
+    train_split: str = "train"  # split trained on (labels unused except by the online probe)
+    test_split: str = "test"  # held-out labeled split for the online monitors
+    train_subset: int = 0  # use the first N of a seeded permutation of the train split; 0 = all
+    views: str = "fashion_mnist"  # protoclr.views preset
+    view_modifiers: list[str] = field(default_factory=list)  # protoclr.views modifiers applied to the preset
+    num_views: int = 2  # V views per image
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "convnet"  # resnet18 | resnet50 | convnet (protoclr.models.BACKBONES)
+    small_images: bool = True  # resnet CIFAR stem: 3x3 conv stride 1, no max-pool
+    norm: str = "batch"  # batch | group | none, in backbone and projector
+    projector_layers: int = 3  # MLP depth (the paper: 3); 0 = identity
+    projector_hidden_dim: int = 512  # hidden width (the paper: 2048)
+    projector_dim: int = 128  # output dim D of z
+    projector_last_norm: bool = False  # norm layer after the last linear (SimCLR v2 style)
+
+
+@dataclass
+class LossConfig:
+    name: str = "balanced"  # nt_xent | generalized_nt_xent | decoupled | balanced | supervised_prototype
+    temperature: float = 0.5  # nt_xent, decoupled: tau (the similarity is divided by tau)
+    alpha: float = 2.0  # generalized_nt_xent, balanced, supervised_prototype: inverse temperature
+    lam: float = 1.0  # generalized_nt_xent, balanced, supervised_prototype: weight of the uniformity term
+    nu: float = 1.0  # balanced: weight of the positives in the denominator
+    similarity: str = "cosine"  # cosine | dot (dot: unnormalized z, may diverge at large lr)
+    chunk_size: int = 0  # compute the similarity matrix in row chunks of this size; 0 = all at once
+    prototype_momentum: float = 0.9  # supervised_prototype: EMA momentum of the class prototype bank
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd (momentum, the paper's default) | lars
+    base_lr: float = 0.3  # learning rate per 256 images: lr = base_lr * batch_size / 256
+    lr_scaling: str = "linear"  # linear (base_lr * B / 256) | sqrt (base_lr * sqrt(B), SimCLR's small-batch rule)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # on conv/linear weights only; never on biases and norm parameters
+    warmup_epochs: float = 1.0  # linear warmup from 0, then cosine decay to final_lr_ratio * lr
+    final_lr_ratio: float = 0.0
+    lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 256  # global batch (all processes together)
+    seed: int = 0  # model init, data order and views all derive from it
+    max_steps: int = 0  # stop after this many optimizer steps (the schedule still spans `epochs`); 0 = no cap
+    out_dir: str = "runs"  # run folders are created here; runs.db lives here too
+    run_name: str = ""  # folder name; "" = <dataset>-<backbone>-<loss>-<time>. An existing one resumes.
+    checkpoint_every: int = 500  # also checkpoint every N steps (always at each epoch end); 0 = epoch ends only
+    on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
+    max_skips: int = 20  # on_nonfinite=skip: stop anyway after this many skipped steps
+    log_every: int = 10  # steps between logger writes
+
+
+@dataclass
+class MonitorConfig:
+    every: int = 1  # run the online monitors every N epochs (and always after the last); 0 = never
+    knn_k: int = 200  # weighted kNN (Wu et al. 2018) on backbone features
+    knn_temperature: float = 0.1
+    knn_train_samples: int = 10000  # train images forming the kNN bank; 0 = all
+    test_samples: int = 0  # held-out images scored; 0 = all
+    probe: bool = True  # online linear probe on detached backbone features of view 0
+    probe_lr: float = 0.1  # SGD lr of the probe (no schedule)
+    batch_size: int = 1024  # feature-extraction batch for the monitors
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"  # cpu | gpu | cuda | auto (passed to lightning.fabric.Fabric)
+    devices: str = "auto"  # per node: "auto", a count ("8") or a list ("0,1")
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp | ... (Fabric strategies)
+    precision: str = "auto"  # auto = 32-true on CPU, bf16-mixed on GPU; or any Fabric precision string
+    channels_last: bool = True  # memory format on GPU (ignored on CPU)
+    compile: bool = False  # torch.compile the encoder
+    sync_batchnorm: bool = True  # convert BatchNorm to SyncBatchNorm when world size > 1 (GPU only)
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "csv"])  # plus metrics.jsonl, always
+    progress: bool = True  # live progress bar
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def lr(self) -> float:
+        """Peak learning rate from ``base_lr`` and the global batch size (the one derived value)."""
+        o, b = self.optim, self.train.batch_size
+        return {"linear": o.base_lr * b / 256, "sqrt": o.base_lr * b**0.5}[o.lr_scaling]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> Config:
+        """Range and choice checks; raises :class:`ConfigError` naming the first offending key."""
+        d, m, lo, o, t, mo = self.data, self.model, self.loss, self.optim, self.train, self.monitor
+        checks: list[tuple[str, bool, str]] = [
+            ("data.num_views", d.num_views >= 2, "must be >= 2"),
+            ("data.train_subset", d.train_subset >= 0, "must be >= 0"),
+            ("model.norm", m.norm in ("batch", "group", "none"), "must be one of batch, group, none"),
+            ("model.projector_layers", m.projector_layers >= 0, "must be >= 0"),
+            ("model.projector_hidden_dim", m.projector_hidden_dim >= 1, "must be >= 1"),
+            ("model.projector_dim", m.projector_dim >= 1, "must be >= 1"),
+            ("loss.temperature", lo.temperature > 0, "must be > 0"),
+            ("loss.alpha", lo.alpha > 0, "must be > 0"),
+            ("loss.lam", lo.lam >= 0, "must be >= 0"),
+            ("loss.nu", lo.nu >= 0, "must be >= 0"),
+            ("loss.similarity", lo.similarity in ("cosine", "dot"), "must be cosine or dot"),
+            ("loss.chunk_size", lo.chunk_size >= 0, "must be >= 0"),
+            ("loss.prototype_momentum", 0 <= lo.prototype_momentum < 1, "must be in [0, 1)"),
+            ("optim.name", o.name in ("sgd", "lars"), "must be sgd or lars"),
+            ("optim.base_lr", o.base_lr >= 0, "must be >= 0 (a learning rate cannot be negative)"),
+            ("optim.lr_scaling", o.lr_scaling in ("linear", "sqrt"), "must be linear or sqrt"),
+            ("optim.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
+            ("optim.weight_decay", o.weight_decay >= 0, "must be >= 0"),
+            ("optim.warmup_epochs", o.warmup_epochs >= 0, "must be >= 0"),
+            ("optim.final_lr_ratio", 0 <= o.final_lr_ratio <= 1, "must be in [0, 1]"),
+            ("optim.lars_eta", o.lars_eta > 0, "must be > 0"),
+            ("train.epochs", t.epochs >= 1, "must be >= 1"),
+            ("train.batch_size", t.batch_size >= 2, "must be >= 2 (a contrastive batch needs negatives)"),
+            ("train.max_steps", t.max_steps >= 0, "must be >= 0"),
+            ("train.checkpoint_every", t.checkpoint_every >= 0, "must be >= 0"),
+            ("train.on_nonfinite", t.on_nonfinite in ("stop", "skip"), "must be stop or skip"),
+            ("train.log_every", t.log_every >= 1, "must be >= 1"),
+            ("monitor.every", mo.every >= 0, "must be >= 0"),
+            ("monitor.knn_k", mo.knn_k >= 1, "must be >= 1"),
+            ("monitor.knn_temperature", mo.knn_temperature > 0, "must be > 0"),
+            ("monitor.probe_lr", mo.probe_lr >= 0, "must be >= 0"),
+            ("monitor.batch_size", mo.batch_size >= 1, "must be >= 1"),
+            ("trainer.num_nodes", self.trainer.num_nodes >= 1, "must be >= 1"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {why}, got {_get(self, key)!r}")
+        return self
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check_type(key: str, value: Any, tp: Any, *, from_cli: bool) -> Any:
+    """``value`` converted to field type ``tp`` or a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if isinstance(value, str) and from_cli:  # a=x,y on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)[:1]
+        return [_check_type(f"{key}[{i}]", v, item_tp, from_cli=from_cli) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if from_cli and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # trainer.devices=8 typed on a command line
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported field type {tp!r}")  # a bug in this module, not in the user's config
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolves the postponed (string) annotations
+
+
+def _unknown(key: str, name: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str, *, from_cli: bool) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    types_ = _field_types(type(obj))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            raise _unknown(key, str(name), list(types_))
+        tp = types_[name]
+        if dataclasses.is_dataclass(tp):
+            _apply(getattr(obj, name), value, f"{key}.", from_cli=from_cli)
+        else:
+            setattr(obj, name, _check_type(key, value, tp, from_cli=from_cli))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (values parsed with ``yaml.safe_load``) to ``cfg`` in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.base_lr=0.6")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        *path, last = key.strip().split(".")
+        nested: dict[str, Any] = {last: value}
+        for part in reversed(path):
+            nested = {part: nested}
+        _apply(cfg, nested, "", from_cli=True)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """A validated Config from a nested mapping (a YAML file's content, or a run's saved ``config.yaml``)."""
+    cfg = Config()
+    _apply(cfg, values or {}, "", from_cli=False)
+    return cfg.validate()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``; validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    cfg = Config()
+    _apply(cfg, values, "", from_cli=False)
+    apply_overrides(cfg, list(overrides or []))
+    return cfg.validate()
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "MonitorConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+]

@@ -1,0 +1,165 @@
+"""The SQLite results database ``runs.db``: one row per run, one row per (run, epoch).
+
+    db = ResultsDB("runs/runs.db")
+    db.start_run(run_id, config=cfg.to_dict(), run_dir="runs/x")
+    db.log_epoch(run_id, epoch, {"loss": 3.1, "knn_top1": 0.71})
+    db.finish_run(run_id, "finished", {"knn_top1": 0.80})
+    db.runs(status="finished")              # -> list of dicts, newest first
+
+Several processes (a sweep's workers) may write at once: the database is in WAL mode, every write is one
+``BEGIN IMMEDIATE`` transaction, and a connection waits up to ``timeout`` seconds for the write lock instead of
+failing. A connection is opened per call, so a ``ResultsDB`` is cheap, picklable and fork-safe.
+
+Statuses: ``running``, ``finished``, ``diverged``, ``failed``, ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("running", "finished", "diverged", "failed", "interrupted")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    run_dir TEXT,
+    config TEXT NOT NULL,          -- resolved config as JSON
+    status TEXT NOT NULL,
+    final_metrics TEXT,            -- JSON, NULL until the run ends
+    message TEXT,                  -- why it stopped, for diverged / failed runs
+    created REAL NOT NULL,         -- unix time
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    epoch INTEGER NOT NULL,
+    metrics TEXT NOT NULL,         -- JSON
+    time REAL NOT NULL,
+    PRIMARY KEY (run_id, epoch)
+);
+"""
+
+
+def _json(value: Any) -> str:
+    # NaN / inf are not JSON; store them as null so every reader can parse the row.
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), sort_keys=True)
+
+
+class ResultsDB:
+    """Runs and their per-epoch metrics in one SQLite file (created on first use)."""
+
+    def __init__(self, path: str | Path, *, timeout: float = 60.0):
+        self.path = Path(path)
+        self.timeout = timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        con.row_factory = sqlite3.Row
+        con.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+        return con
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; the lock is taken up front so concurrent writers queue, never deadlock."""
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    def start_run(self, run_id: str, *, config: dict[str, Any], run_dir: str | Path | None = None) -> None:
+        """Record a run as ``running``; a resumed run keeps its row and epochs and is marked running again."""
+        now = time.time()
+        with self._write() as con:
+            con.execute(
+                "INSERT INTO runs (run_id, run_dir, config, status, created, updated) VALUES (?, ?, ?, 'running', ?, ?)"
+                " ON CONFLICT(run_id) DO UPDATE SET status='running', config=excluded.config,"
+                " run_dir=excluded.run_dir, message=NULL, updated=excluded.updated",
+                (run_id, str(run_dir) if run_dir is not None else None, _json(config), now, now),
+            )
+
+    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, Any]) -> None:
+        """Store (or, after a resume, replace) the metrics of ``epoch``."""
+        now = time.time()
+        with self._write() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO epochs (run_id, epoch, metrics, time) VALUES (?, ?, ?, ?)",
+                (run_id, int(epoch), _json(metrics), now),
+            )
+            con.execute("UPDATE runs SET updated=? WHERE run_id=?", (now, run_id))
+
+    def finish_run(
+        self, run_id: str, status: str, final_metrics: dict[str, Any] | None = None, *, message: str | None = None
+    ) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        with self._write() as con:
+            cur = con.execute(
+                "UPDATE runs SET status=?, final_metrics=?, message=?, updated=? WHERE run_id=?",
+                (status, _json(final_metrics or {}), message, time.time(), run_id),
+            )
+            if cur.rowcount != 1:
+                raise KeyError(f"no run {run_id!r} in {self.path}")
+
+    def _row(self, row: sqlite3.Row) -> dict[str, Any]:
+        out = dict(row)
+        out["config"] = json.loads(out["config"])
+        out["final_metrics"] = json.loads(out["final_metrics"]) if out["final_metrics"] else None
+        return out
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        con = self._connect()
+        try:
+            row = con.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        finally:
+            con.close()
+        if row is None:
+            raise KeyError(f"no run {run_id!r} in {self.path}")
+        return self._row(row)
+
+    def runs(self, *, status: str | None = None) -> list[dict[str, Any]]:
+        """All runs (optionally with one status), newest first."""
+        con = self._connect()
+        try:
+            if status is None:
+                rows = con.execute("SELECT * FROM runs ORDER BY created DESC").fetchall()
+            else:
+                rows = con.execute("SELECT * FROM runs WHERE status=? ORDER BY created DESC", (status,)).fetchall()
+        finally:
+            con.close()
+        return [self._row(r) for r in rows]
+
+    def epochs(self, run_id: str) -> list[dict[str, Any]]:
+        """Per-epoch metrics of a run, in epoch order: ``[{"epoch": 0, "loss": ..., ...}, ...]``."""
+        con = self._connect()
+        try:
+            rows = con.execute("SELECT epoch, metrics FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,)).fetchall()
+        finally:
+            con.close()
+        return [{"epoch": r["epoch"], **json.loads(r["metrics"])} for r in rows]

@@ -1,0 +1,60 @@
+"""ResultsDB: round trip, resume semantics, statuses, and many concurrent writer processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+
+import pytest
+
+from protoclr.results import ResultsDB
+
+
+def test_round_trip_and_resume(tmp_path):
+    db = ResultsDB(tmp_path / "runs.db")
+    db.start_run("a", config={"train": {"epochs": 2}}, run_dir=tmp_path / "a")
+    db.log_epoch("a", 0, {"loss": 3.0, "knn_top1": 0.5})
+    db.log_epoch("a", 1, {"loss": float("nan")})
+    db.log_epoch("a", 1, {"loss": 2.0})  # a resumed run rewrites the epoch it was in
+    assert db.get_run("a")["status"] == "running"
+    db.finish_run("a", "finished", {"knn_top1": 0.7})
+    run = db.get_run("a")
+    assert run["status"] == "finished" and run["final_metrics"] == {"knn_top1": 0.7}
+    assert run["config"] == {"train": {"epochs": 2}}
+    assert db.epochs("a") == [{"epoch": 0, "loss": 3.0, "knn_top1": 0.5}, {"epoch": 1, "loss": 2.0}]
+    db.start_run("a", config={"train": {"epochs": 2}})  # resumed: same row, running again, epochs kept
+    assert db.get_run("a")["status"] == "running" and len(db.epochs("a")) == 2
+    db.finish_run("a", "diverged", message="non-finite loss at step 7")
+    assert [r["run_id"] for r in db.runs(status="diverged")] == ["a"]
+    assert db.get_run("a")["message"] == "non-finite loss at step 7"
+    with pytest.raises(ValueError):
+        db.finish_run("a", "exploded")
+    with pytest.raises(KeyError):
+        db.get_run("missing")
+    mode = sqlite3.connect(tmp_path / "runs.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def _writer(path: str, worker: int, n: int) -> None:
+    db = ResultsDB(path)
+    run_id = f"w{worker}"
+    db.start_run(run_id, config={"worker": worker})
+    for e in range(n):
+        db.log_epoch(run_id, e, {"loss": float(e), "worker": worker})
+    db.finish_run(run_id, "finished", {"epochs": n})
+
+
+def test_concurrent_writers(tmp_path):
+    path, workers, n = str(tmp_path / "runs.db"), 4, 30
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, w, n)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * workers
+    db = ResultsDB(path)
+    assert len(db.runs(status="finished")) == workers
+    for w in range(workers):
+        rows = db.epochs(f"w{w}")
+        assert [r["epoch"] for r in rows] == list(range(n)) and {r["worker"] for r in rows} == {w}
