@@ -152,3 +152,99 @@ def test_extract_features_batches_and_cache(tmp_path):
     torch.testing.assert_close(bare, feats)
     with pytest.raises(ValueError, match="batch_size"):
         ev.extract_features(model_fn, images, batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# linear probes
+
+
+def test_fit_linear_classifier_matches_sklearn_float64():
+    datasets = pytest.importorskip("sklearn.datasets")
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    x, y = datasets.load_digits(return_X_y=True)
+    x, y = x[:400], y[:400]
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    wd = 1e-2
+    w, b = ev.fit_linear_classifier(torch.tensor(x), torch.tensor(y), num_classes=10, weight_decay=wd, max_iter=1000)
+    clf = linear_model.LogisticRegression(C=1 / (wd * len(y)), tol=1e-12, max_iter=10000).fit(x, y)
+    p_ours = torch.softmax(torch.tensor(x) @ w.T + b, dim=1)
+    p_sk = torch.tensor(clf.predict_proba(x))
+    torch.testing.assert_close(p_ours, p_sk, rtol=0, atol=1e-5)
+    # the penalised optimum has sum_c W_c = 0 (the softmax redundancy is removed by the penalty)
+    torch.testing.assert_close(w, torch.tensor(clf.coef_), rtol=0, atol=1e-4)
+
+
+def test_linear_probe_cached_learns_a_linear_rule_exactly():
+    g = torch.Generator().manual_seed(4)
+    rule = torch.randn(3, 12, dtype=torch.float64, generator=g)  # (C, D): label = argmax(rule @ x)
+    x = torch.randn(900, 12, dtype=torch.float64, generator=g)
+    margins = (x @ rule.T).topk(2, dim=1).values
+    x = x[(margins[:, 0] - margins[:, 1]) > 0.3]  # a margin, so a finite-weight classifier is exact
+    y = (x @ rule.T).argmax(1)
+    tr, te = slice(0, 500), slice(500, None)
+    out = ev.linear_probe_cached(x[tr], y[tr], x[te], y[te], num_classes=3, weight_decays=(1e-5, 1e-1))
+    assert out["top1"] == 1.0 and out["top5"] == 1.0
+    assert set(out["val_top1"]) == {1e-5, 1e-1} and out["weight_decay"] in out["val_top1"]
+    assert out["val_top1"][out["weight_decay"]] == max(out["val_top1"].values())
+
+
+def test_linear_probe_cached_groups_and_errors():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(200, 6, generator=g)
+    y = torch.randint(0, 4, (200,), generator=g)
+    groups = ev.groups_from_counts(torch.tensor([150, 100, 20, 19]))
+    out = ev.linear_probe_cached(x, y, x, y, num_classes=4, weight_decays=(1e-3,), groups=groups)
+    assert set(out["groups"]) == {"many", "medium", "few"}
+    with pytest.raises(ValueError, match="val_fraction"):
+        ev.linear_probe_cached(x, y, x, y, num_classes=4, val_fraction=1.0)
+    with pytest.raises(ValueError, match="weight_decays"):
+        ev.linear_probe_cached(x, y, x, y, num_classes=4, weight_decays=())
+    with pytest.raises(ValueError, match="test_labels"):
+        ev.linear_probe_cached(x, y, x, y[:5], num_classes=4)
+
+
+def test_groups_from_counts_thresholds():
+    groups = ev.groups_from_counts(torch.tensor([500, 101, 100, 20, 19, 1]))
+    assert groups["many"].tolist() == [0, 1]
+    assert groups["medium"].tolist() == [2, 3]
+    assert groups["few"].tolist() == [4, 5]
+    with pytest.raises(ValueError, match="train_counts"):
+        ev.groups_from_counts(torch.tensor([]))
+
+
+def test_group_accuracy_hand_values():
+    scores = torch.eye(3)[torch.tensor([0, 0, 1, 2, 2, 0])]  # predictions 0 0 1 2 2 0
+    labels = torch.tensor([0, 1, 1, 2, 2, 2])
+    acc = ev.group_accuracy(scores, labels, {"a": [0], "b": [1, 2], "none": []})
+    assert acc["a"] == 1.0 and acc["b"] == pytest.approx(3 / 5) and math.isnan(acc["none"])
+
+
+def test_random_crop_flip_is_a_window_of_the_padded_image():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=g)
+    same = ev.random_crop_flip(x, padding=0, generator=g)
+    for i in range(16):  # no padding: the image itself or its mirror
+        assert torch.equal(same[i], x[i]) or torch.equal(same[i], x[i].flip(-1))
+    out = ev.random_crop_flip(x, padding=2, generator=g)
+    padded = torch.nn.functional.pad(x.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
+    for i in range(16):
+        windows = [padded[i, :, r : r + 8, c : c + 8] for r in range(5) for c in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+
+
+def test_linear_probe_augmented_on_colour_coded_images():
+    # class = which channel is bright; crops and flips keep it, so the probe must reach 100%
+    g = torch.Generator().manual_seed(7)
+    y_tr, y_te = torch.arange(3).repeat(40), torch.arange(3).repeat(10)
+
+    def images(y):
+        x = torch.randint(0, 60, (len(y), 3, 8, 8), dtype=torch.uint8, generator=g)
+        x[torch.arange(len(y)), y] += 150
+        return x
+
+    train, test = _Images(images(y_tr), y_tr), _Images(images(y_te), y_te)
+    out = ev.linear_probe_augmented(
+        lambda x: x.mean(dim=(2, 3)), train, test, num_classes=3, epochs=30, batch_size=32, lr=5.0
+    )
+    assert out["top1"] == 1.0 and math.isfinite(out["train_loss"])

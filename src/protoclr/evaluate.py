@@ -14,6 +14,7 @@ Accuracies are fractions in [0, 1]; the CLI prints percentages.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -271,3 +272,257 @@ def extract_features(
     if cache is not None:
         atomic_save({"features": features, "labels": labels}, cache)
     return features, labels
+
+
+# --------------------------------------------------------------------------------------------------------
+# linear probes
+
+
+def fit_linear_classifier(
+    features: Tensor,
+    labels: Tensor,
+    *,
+    num_classes: int,
+    weight_decay: float,
+    max_iter: int = 300,
+) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression by full-batch L-BFGS (strong Wolfe line search).
+
+    features: (N, D), labels: (N,) -> (weight (C, D), bias (C,)) in the dtype of ``features``.
+    Minimises ``mean_i CE(W x_i + b, y_i) + weight_decay / 2 * ||W||^2``; the bias is not penalised. This is
+    scikit-learn's ``LogisticRegression(C=1 / (weight_decay * N))`` objective, so the two agree.
+    """
+    _check_num_classes(num_classes)
+    _check_features("features", features)
+    _check_labels("labels", labels, features.shape[0], num_classes)
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+    if not isinstance(max_iter, int) or max_iter <= 0:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}.")
+    x, y = features.detach(), labels.to(features.device)
+    weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    tol = 1e-10 if x.dtype == torch.float64 else 1e-6
+    opt = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=tol,
+        tolerance_change=tol * 1e-2,
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y) + 0.5 * weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def groups_from_counts(train_counts: Tensor, *, many_above: int = 100, few_below: int = 20) -> dict[str, Tensor]:
+    """Split classes by their number of training images: many (> 100), medium (20..100), few (< 20).
+
+    train_counts: (C,) -> {"many": class ids, "medium": .., "few": ..} (Liu et al. 2019, OLTR thresholds).
+    Use ``protoclr.data.class_groups`` where the dataset is at hand; this is the same rule from counts.
+    """
+    counts = torch.as_tensor(train_counts)
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(f"train_counts must be a non-empty 1-D tensor (C,), got shape {tuple(counts.shape)}.")
+    if not few_below <= many_above:
+        raise ValueError(f"few_below ({few_below}) must not exceed many_above ({many_above}).")
+    ids = torch.arange(counts.numel())
+    return {
+        "many": ids[counts > many_above],
+        "medium": ids[(counts >= few_below) & (counts <= many_above)],
+        "few": ids[counts < few_below],
+    }
+
+
+def group_accuracy(scores: Tensor, labels: Tensor, groups: dict[str, Any]) -> dict[str, float]:
+    """Top-1 accuracy (fraction) over the test rows whose label belongs to each group of classes.
+
+    scores: (M, C), labels: (M,), groups: name -> class ids. A group with no test rows gets NaN, so an empty
+    group stays visible in tables instead of reading as 0%.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D (M, C), got {tuple(scores.shape)}.")
+    _check_labels("labels", labels, scores.shape[0], scores.shape[1])
+    hit = scores.argmax(1).cpu() == labels.cpu()  # (M,)
+    out = {}
+    for name, ids in groups.items():
+        member = torch.isin(labels.cpu(), torch.as_tensor(ids, dtype=torch.long))  # (M,)
+        out[name] = hit[member].double().mean().item() if member.any() else float("nan")
+    return out
+
+
+def linear_probe_cached(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    num_classes: int,
+    weight_decays: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_iter: int = 300,
+    standardize: bool = True,
+    groups: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Linear probe on features computed once: pick weight decay on a held-out split, refit, test.
+
+    train_features: (N, D), train_labels: (N,), test_features: (M, D), test_labels: (M,).
+    ``val_fraction`` of the training rows (random, ``seed``) score each value of ``weight_decays``; the best
+    by validation top-1 (ties: the larger decay) is refitted on all training rows with
+    :func:`fit_linear_classifier`. ``standardize`` centres and scales each feature by training statistics
+    first (a fixed affine map, so the probe stays linear in the frozen features). Returns top1/top5 on the
+    test rows, the chosen ``weight_decay``, ``val_top1`` per decay, and per-group top-1 if ``groups``.
+    """
+    _check_num_classes(num_classes)
+    for name, f in (("train_features", train_features), ("test_features", test_features)):
+        _check_features(name, f)
+    if test_features.shape[1] != train_features.shape[1]:
+        raise ValueError(
+            f"test_features has dimension {test_features.shape[1]} but train_features has "
+            f"{train_features.shape[1]}; extract both with the same encoder."
+        )
+    _check_labels("train_labels", train_labels, train_features.shape[0], num_classes)
+    _check_labels("test_labels", test_labels, test_features.shape[0], num_classes)
+    if not weight_decays or any(not wd >= 0 for wd in weight_decays):
+        raise ValueError(f"weight_decays must be a non-empty tuple of values >= 0, got {weight_decays!r}.")
+    n = train_features.shape[0]
+    n_val = round(val_fraction * n)
+    if not 0 < val_fraction < 1 or n_val < 1 or n - n_val < 1:
+        raise ValueError(
+            f"val_fraction={val_fraction!r} leaves {n_val} validation and {n - n_val} training rows of {n}; "
+            "pick a fraction in (0, 1) that leaves both non-empty."
+        )
+    x_tr, x_te = train_features, test_features.to(train_features.device, train_features.dtype)
+    if standardize:
+        mean, std = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)  # (D,)
+        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    y_tr = train_labels.to(x_tr.device)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x_tr.device)
+    val_idx, fit_idx = perm[:n_val], perm[n_val:]
+    val_top1 = {}
+    for wd in weight_decays:
+        w, b = fit_linear_classifier(
+            x_tr[fit_idx], y_tr[fit_idx], num_classes=num_classes, weight_decay=wd, max_iter=max_iter
+        )
+        val_top1[wd] = topk_accuracy(x_tr[val_idx] @ w.T + b, y_tr[val_idx], ks=(1,))["top1"]
+    best = max(weight_decays, key=lambda wd: (val_top1[wd], wd))
+    w, b = fit_linear_classifier(x_tr, y_tr, num_classes=num_classes, weight_decay=best, max_iter=max_iter)
+    scores = x_te @ w.T + b  # (M, C)
+    out: dict[str, Any] = {**topk_accuracy(scores, test_labels), "weight_decay": best, "val_top1": val_top1}
+    if groups is not None:
+        out["groups"] = group_accuracy(scores, test_labels, groups)
+    return out
+
+
+def random_crop_flip(images: Tensor, *, padding: int, generator: torch.Generator | None = None) -> Tensor:
+    """Per-image random crop (reflect padding, same output size) and horizontal flip with p=0.5.
+
+    images: (B, C, H, W) any dtype -> (B, C, H, W). The CIFAR linear-evaluation augmentation
+    (padding 4 at 32 px); one random offset and flip per image, drawn on the CPU from ``generator``.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}.")
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}.")
+    b, _, h, w = images.shape
+    dev = images.device
+    off = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(dev)  # (2, B)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)  # (B,)
+    padded = F.pad(images.float(), (padding,) * 4, mode="reflect") if padding else images.float()
+    rows = off[0][:, None] + torch.arange(h, device=dev)  # (B, H)
+    cols = off[1][:, None] + torch.arange(w, device=dev)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # (B, W)
+    out = padded[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).to(images.dtype)  # (B, C, H, W)
+
+
+def linear_probe_augmented(
+    backbone_fn: Callable[[Tensor], Tensor],
+    train_data: Any,
+    test_data: Any,
+    *,
+    num_classes: int,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 0.1,  # per 256 images
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    padding: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    preprocess: Callable[[Tensor], Tensor] | None = None,
+    groups: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The standard linear evaluation: a linear layer on the frozen backbone, fresh crop + flip every epoch.
+
+    train_data / test_data: image tensors (N, C, H, W) or datasets with ``get_images`` and ``labels``;
+    ``backbone_fn``: (B, C, H, W) preprocessed images -> (B, D) features (put the model in eval mode).
+    SGD with momentum, learning rate ``lr * batch_size / 256`` on a per-step cosine schedule to 0 (as
+    SimCLR/MoCo's linear evaluation; MoCo uses lr 30 without feature normalisation, we keep features raw
+    too). ``padding`` defaults to H // 8 (4 px at 32). Test images are not augmented. Returns top1/top5
+    (fractions), per-group top-1 if ``groups``, and the final training loss.
+    """
+    _check_num_classes(num_classes)
+    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}.")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}.")
+    train_y = getattr(train_data, "labels", None)
+    test_y = getattr(test_data, "labels", None)
+    if train_y is None or test_y is None:
+        raise ValueError("train_data and test_data must carry labels (use protoclr.data.LabeledImages).")
+    train_y, test_y = torch.as_tensor(train_y).long(), torch.as_tensor(test_y).long()
+    n = _num_rows(train_data)
+    _check_labels("train_data.labels", train_y, n, num_classes)
+    preprocess = preprocess or _default_preprocess
+    gen = torch.Generator().manual_seed(seed)
+    first = _get_batch(train_data, torch.arange(min(2, n)))
+    if padding is None:
+        padding = first.shape[-2] // 8
+    with torch.no_grad():
+        dim = backbone_fn(preprocess(first.to(device))).flatten(1).shape[1]
+    head = torch.nn.Linear(dim, num_classes).to(device)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=torch.Generator(device=head.weight.device).manual_seed(seed))
+        head.bias.zero_()
+    opt = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=momentum, weight_decay=weight_decay)
+    steps_per_epoch = -(-n // batch_size)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    epoch_iter = range(epochs)
+    if progress:
+        from rich.progress import track
+
+        epoch_iter = track(epoch_iter, description="linear probe", transient=True)
+    loss = torch.tensor(float("nan"))  # the last step's loss, reported
+    for _ in epoch_iter:
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            x = random_crop_flip(_get_batch(train_data, idx), padding=padding, generator=gen).to(device)
+            with torch.no_grad():
+                h = backbone_fn(preprocess(x)).flatten(1)  # (B, D)
+            loss = F.cross_entropy(head(h), train_y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    feats, _ = extract_features(backbone_fn, test_data, batch_size=batch_size, device=device, preprocess=preprocess)
+    with torch.no_grad():
+        scores = head.to("cpu")(feats)  # (M, C)
+    out: dict[str, Any] = {**topk_accuracy(scores, test_y), "train_loss": loss.item()}
+    if groups is not None:
+        out["groups"] = group_accuracy(scores, test_y, groups)
+    return out
