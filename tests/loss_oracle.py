@@ -1,0 +1,64 @@
+"""A float64 loop oracle for the contrastive loss family, written straight from the formulas.
+
+Deliberately slow and literal: one Python loop per anchor, positive and candidate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sim(u: torch.Tensor, v: torch.Tensor, similarity: str) -> float:
+    if similarity == "cosine":
+        return float(u @ v / (u.norm() * v.norm()))
+    if similarity == "dot":
+        return float(u @ v)
+    return -float((u - v).norm())
+
+
+def logsumexp(xs: list[float]) -> float:
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def oracle_loss(z, *, alpha, lam=1.0, nu=1.0, negatives="all", positive_in_denominator=True, scale="none",
+                similarity="cosine", reduction="mean"):
+    z = z.detach().double()
+    V, B, _ = z.shape
+    losses = []
+    for v in range(V):
+        for i in range(B):
+            a = z[v, i]
+            terms = []
+            for w in range(V):
+                if w == v:
+                    continue
+                p = z[w, i]
+                if negatives == "all":
+                    cands = [(u, j) for u in range(V) for j in range(B) if (u, j) != (v, i)]
+                else:
+                    cands = [(w, j) for j in range(B)]
+                if not positive_in_denominator:
+                    cands = [(u, j) for (u, j) in cands if j != i]
+                lse = logsumexp([alpha * sim(a, z[u, j], similarity) for (u, j) in cands])
+                l_ap = -alpha * sim(a, p, similarity) + (lam / nu) * lse
+                if scale == "inverse_alpha":
+                    l_ap /= alpha
+                terms.append(l_ap)
+            losses.append(sum(terms) / len(terms))
+    out = torch.tensor(losses, dtype=torch.float64)
+    return out.mean() if reduction == "mean" else out
+
+
+def oracle_supervised(z, labels, prototypes, *, lam=1.0, alpha=None, similarity="cosine"):
+    z, mu = z.detach().double(), prototypes.detach().double()
+    out = []
+    for i in range(z.shape[0]):
+        y = int(labels[i])
+        own = sim(z[i], mu[y], similarity)
+        others = [sim(z[i], mu[c], similarity) for c in range(mu.shape[0]) if c != y]
+        rep = max(others) if alpha is None else logsumexp([alpha * s for s in others]) / alpha
+        out.append(-own + lam * rep)
+    return torch.tensor(out, dtype=torch.float64).mean()
