@@ -12,6 +12,7 @@ that reach each rank's slice and hands that sum to its owner. With DDP's gradien
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,7 +109,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        queue.put((rank, True, fn(DistContext(rank, world_size), *args)))
+        # Serialized to bytes: tensors sent through the queue would share memory with a process about to exit.
+        buffer = io.BytesIO()
+        torch.save(fn(DistContext(rank, world_size), *args), buffer)
+        queue.put((rank, True, buffer.getvalue()))
     except BaseException:
         import traceback
 
@@ -121,8 +125,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
 def run_local_processes(fn: Callable[..., Any], world_size: int, *args: Any, port: int | None = None) -> list:
     """Run ``fn(ctx, *args)`` in ``world_size`` CPU processes joined by a gloo group on 127.0.0.1.
 
-    Returns the list of return values ordered by rank (they must be picklable). For tests and CPU checks of
-    multi-process equivalence; real launches go through Lightning Fabric, torchrun or SLURM.
+    Returns the list of return values ordered by rank (tensors, numbers, strings and containers of them).
+    For tests and CPU checks of multi-process equivalence; real launches go through Fabric, torchrun or SLURM.
     """
     import socket
 
@@ -144,7 +148,7 @@ def run_local_processes(fn: Callable[..., Any], world_size: int, *args: Any, por
             for p in procs:
                 p.terminate()
             raise RuntimeError(f"distributed worker {rank} failed:\n{value}")
-        results[rank] = value
+        results[rank] = torch.load(io.BytesIO(value), weights_only=True)
     for p in procs:
         p.join()
     return [results[r] for r in range(world_size)]
