@@ -1,0 +1,363 @@
+"""Theory diagnostics: prototype representation bias, the bounds linking contrastive and supervised
+objectives, and feature geometry.
+
+The maths are pure functions of per-view features ``feats: (K, N, D)`` (K augmentations of N labeled
+images) so they can be checked by hand; :func:`view_features` produces that tensor from an encoder.
+
+Notation: ``f`` features of one view, ``mu~_x = E_t f(t(x))`` the surrogate prototype of image x (mean
+over its K views), ``mu_y = E_{x|y} E_t f(t(x))`` the class prototype, ``s`` cosine similarity.
+
+* bias (:func:`bias_from_features`): ``d(mu~_x, mu_{y(x)})`` averaged over images, as Euclidean distance,
+  cosine distance and angle in degrees, on raw or L2-normalised per-view features.
+* bounds (:func:`bound_terms`), per anchor ``z = f(t_v(x))``:
+    attraction   -s(z, mu~_x)              <=  -E_t' s(z, f(t'(x)))                          (Jensen)
+    repulsion    max_{y'!=y} s(z, mu_y')   <=  E_T' (1/(nu a)) log E_X' exp(a s(z, f(T'(X'))))
+                                               + (1/(nu a)) log n
+  The first needs unit-norm features and ``E_t' s(z, f(t'(x))) >= 0``; the second unit-norm features,
+  a balanced probe set (``p_y >= 1/n``), ``nu <= ||mu_y||`` and a non-negative maximum. Each is checked
+  and reported next to the gaps, so a violated assumption is visible (see docs/evaluation.md).
+* geometry (:func:`geometry`): alignment and uniformity (Wang & Isola 2020), effective rank (Roy &
+  Vetterli 2007), mean positive / negative similarity, contrastive top-1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------------------------
+# checks and shared pieces
+
+
+def _check_views(feats: Tensor, labels: Tensor, num_classes: int, *, min_views: int = 1) -> None:
+    if not isinstance(feats, Tensor) or feats.dim() != 3:
+        shape = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
+        raise ValueError(f"feats must be (K, N, D) per-view features, got {shape}; stack the K views on dim 0.")
+    if not feats.is_floating_point():
+        raise ValueError(f"feats must be floating point, got {feats.dtype}.")
+    k, n, _ = feats.shape
+    if k < min_views:
+        raise ValueError(f"feats has {k} view(s) per image; this needs views >= {min_views}.")
+    if n == 0:
+        raise ValueError("feats has no images (N = 0); pass a non-empty probe set.")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    if not isinstance(labels, Tensor) or labels.shape != (n,) or labels.is_floating_point():
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor of shape (N,) = ({n},), got {shape}.")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, num_classes={num_classes}), got [{int(labels.min())}, {int(labels.max())}]."
+        )
+    counts = torch.bincount(labels.cpu(), minlength=num_classes)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"classes {empty[:10]} have no images in the probe set; pass a probe set with every class "
+            "(e.g. protoclr.data.uniform_subset) or relabel to the classes present."
+        )
+
+
+def class_prototypes_from_views(feats: Tensor, labels: Tensor, *, num_classes: int) -> Tensor:
+    """``mu_y``: the mean of every view of every image of class y. feats: (K, N, D) -> (C, D)."""
+    _check_views(feats, labels, num_classes)
+    surrogate = feats.mean(0)  # (N, D) = mu~_x
+    sums = torch.zeros(num_classes, feats.shape[2], dtype=feats.dtype, device=feats.device)
+    sums.index_add_(0, labels.to(feats.device), surrogate)  # (C, D)
+    counts = torch.bincount(labels.to(feats.device), minlength=num_classes).to(feats.dtype)  # (C,)
+    return sums / counts[:, None]
+
+
+def _cos(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise cosine similarity; zero vectors give 0. a, b: (..., D) -> (...)."""
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(_EPS)
+
+
+# --------------------------------------------------------------------------------------------------------
+# prototype representation bias
+
+
+def bias_from_features(feats: Tensor, labels: Tensor, *, num_classes: int, normalize: bool = True) -> dict[str, Any]:
+    """Prototype representation bias ``d(mu~_x, mu_{y(x)})`` for three distances.
+
+    feats: (K, N, D) per-view features, labels: (N,). With ``normalize`` each view is L2-normalised before
+    any mean. Returns ``euclidean`` (||mu~_x - mu_y||), ``cosine`` (1 - cos), ``angle_deg`` (arccos of cos,
+    degrees), each averaged over images, and ``per_class``: the same three as (C,) tensors (mean over the
+    images of each class). Zero when every image's views equal its class prototype; invariant to the order
+    of images and of views.
+    """
+    _check_views(feats, labels, num_classes)
+    f = F.normalize(feats, dim=-1) if normalize else feats
+    surrogate = f.mean(0)  # (N, D)
+    protos = class_prototypes_from_views(f, labels, num_classes=num_classes)[labels.to(f.device)]  # (N, D)
+    cos = _cos(surrogate, protos).clamp(-1, 1)  # (N,)
+    per_image = {
+        "euclidean": (surrogate - protos).norm(dim=-1),
+        "cosine": 1 - cos,
+        "angle_deg": torch.rad2deg(torch.arccos(cos)),
+    }
+    counts = torch.bincount(labels.to(f.device), minlength=num_classes).to(f.dtype)  # (C,)
+    out: dict[str, Any] = {name: v.mean().item() for name, v in per_image.items()}
+    out["per_class"] = {
+        name: torch.zeros(num_classes, dtype=f.dtype, device=f.device).index_add_(0, labels.to(f.device), v) / counts
+        for name, v in per_image.items()
+    }
+    return out
+
+
+def bias_report(features: dict[str, Tensor], labels: Tensor, *, num_classes: int) -> dict[str, Any]:
+    """Every documented bias variant: ``{head: {"raw"|"normalized": bias_from_features(...)}}``.
+
+    features: head name ("backbone", "projector") -> (K, N, D_head). Per-class tensors become lists.
+    """
+    report: dict[str, Any] = {}
+    for head, f in features.items():
+        report[head] = {}
+        for variant, normalize in (("raw", False), ("normalized", True)):
+            b = bias_from_features(f, labels, num_classes=num_classes, normalize=normalize)
+            b["per_class"] = {k: v.tolist() for k, v in b["per_class"].items()}
+            report[head][variant] = b
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------
+# bound terms
+
+
+def bound_terms_per_anchor(
+    feats: Tensor,
+    labels: Tensor,
+    *,
+    num_classes: int,
+    alpha: float,
+    nu: float,
+    normalize: bool = True,
+    chunk_size: int = 1024,
+) -> dict[str, Tensor]:
+    """Every term of both bounds for each anchor ``z = f(t_v(x_i))``; all outputs are (K, N).
+
+    feats: (K, N, D), labels: (N,). Positives are the other K - 1 views of the same image (leave-one-out,
+    as a contrastive loss pairs an anchor with another view); ``mu~`` is their mean. ``mu_y`` and the
+    negatives use every view of every image, so ``E_X'`` is the probe set's empirical distribution and
+    ``E_T'`` the mean over view index. ``n = num_classes``. Similarity is cosine; ``normalize`` L2-normalises
+    the features first (the bounds' assumption; pass False to see what breaks without it).
+
+    attraction: ``sup_attraction = -s(z, mu_y)``, ``surrogate_attraction = -s(z, mu~)``,
+    ``ssl_attraction = -mean_{k!=v} s(z, f_k(x))``, ``attraction_gap = ssl - surrogate`` (>= 0 by Jensen).
+    repulsion: ``sup_repulsion = max_{y'!=y} s(z, mu_y')``, ``ssl_repulsion`` the right-hand side,
+    ``repulsion_gap = ssl - sup`` (>= 0 under the assumptions). Also the per-anchor assumption inputs:
+    ``positive_mean`` (= -ssl_attraction), ``nearest_class`` (argmax y'), its probe-set proportion times n
+    ``nearest_class_balance`` (>= 1 needed) and its prototype norm ``nearest_prototype_norm`` (>= nu needed).
+    """
+    _check_views(feats, labels, num_classes, min_views=2)
+    if num_classes < 2:
+        raise ValueError("num_classes must be >= 2 for the repulsion term (it maximises over other classes).")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}.")
+    if not nu > 0:
+        raise ValueError(f"nu must be > 0, got {nu!r}.")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    k, n, d = feats.shape
+    f = F.normalize(feats, dim=-1) if normalize else feats  # (K, N, D)
+    fhat = F.normalize(f, dim=-1)  # cosine similarity = dot product of unit vectors
+    y = labels.to(f.device)
+    protos = class_prototypes_from_views(f, y, num_classes=num_classes)  # (C, D)
+    proto_norm = protos.norm(dim=-1)  # (C,)
+    proportion = torch.bincount(y, minlength=num_classes).to(f.dtype) / n  # (C,)
+
+    # attraction: leave-one-out positives
+    z = fhat  # (K, N, D) anchors, unit norm
+    pos_sum = fhat.sum(0, keepdim=True)  # (1, N, D)
+    pos_mean = ((z * pos_sum).sum(-1) - (z * fhat).sum(-1)) / (k - 1)  # (K, N)
+    loo = (f.sum(0, keepdim=True) - f) / (k - 1)  # (K, N, D) mu~ without view v
+    surrogate_attr = -_cos(z, loo)  # (K, N)
+    sup_attr = -_cos(z, protos[y][None])  # (K, N)
+
+    # repulsion
+    proto_sim = z @ F.normalize(protos, dim=-1).T  # (K, N, C)
+    own = F.one_hot(y, num_classes).bool()[None]  # (1, N, C)
+    sup_rep, nearest = proto_sim.masked_fill(own, -math.inf).max(-1)  # (K, N)
+    anchors = z.reshape(k * n, d)  # (KN, D)
+    negatives = fhat.reshape(k * n, d)  # (K' N', D), ordered view-major
+    lse = torch.empty(k * n, dtype=f.dtype, device=f.device)
+    for start in range(0, k * n, chunk_size):
+        sim = anchors[start : start + chunk_size] @ negatives.T  # (b, K' N')
+        per_view = torch.logsumexp(alpha * sim.view(-1, k, n), dim=-1) - math.log(n)  # (b, K') log E_X'
+        lse[start : start + chunk_size] = per_view.mean(-1)  # E_T'
+    ssl_rep = (lse.view(k, n) + math.log(num_classes)) / (nu * alpha)  # (K, N)
+    return {
+        "sup_attraction": sup_attr,
+        "surrogate_attraction": surrogate_attr,
+        "ssl_attraction": -pos_mean,
+        "attraction_gap": -pos_mean - surrogate_attr,
+        "sup_repulsion": sup_rep,
+        "ssl_repulsion": ssl_rep,
+        "repulsion_gap": ssl_rep - sup_rep,
+        "positive_mean": pos_mean,
+        "nearest_class": nearest,
+        "nearest_class_balance": proportion[nearest] * num_classes,
+        "nearest_prototype_norm": proto_norm[nearest],
+    }
+
+
+def bound_terms(
+    feats: Tensor,
+    labels: Tensor,
+    *,
+    num_classes: int,
+    alphas: tuple[float, ...] = (1.0, 5.0, 10.0),
+    nus: tuple[float, ...] = (1.0,),
+    normalize: bool = True,
+    tol: float = 1e-5,
+) -> dict[str, Any]:
+    """Bound terms averaged over anchors, their gaps, and the assumptions they rest on.
+
+    feats: (K, N, D), labels: (N,). See :func:`bound_terms_per_anchor` for each term. Returns
+    ``attraction`` (means of the terms, ``gap`` and ``gap_min``, ``holds_fraction`` = share of anchors
+    with gap >= -tol), ``repulsion`` keyed ``"alpha=A,nu=V"`` with the same fields, ``assumptions``
+    (unit norm, non-negative positives, class counts and ``balance_ratio = n * min_y p_y``, prototype norms,
+    non-negative nearest-prototype similarity) and ``violations``: one sentence per failed assumption.
+    A bound whose assumptions all hold has ``holds_fraction == 1``; a test checks that.
+    """
+    if not alphas or not nus:
+        raise ValueError("alphas and nus must be non-empty tuples of positive numbers.")
+    f = F.normalize(feats, dim=-1) if normalize else feats
+    norms = f.norm(dim=-1)  # (K, N)
+    counts = torch.bincount(labels.cpu(), minlength=num_classes)
+    report: dict[str, Any] = {"num_anchors": feats.shape[0] * feats.shape[1], "num_classes": num_classes}
+    violations: list[str] = []
+    repulsion = {}
+    for alpha in alphas:
+        for nu in nus:
+            t = bound_terms_per_anchor(f, labels, num_classes=num_classes, alpha=alpha, nu=nu, normalize=False)
+            repulsion[f"alpha={alpha:g},nu={nu:g}"] = {
+                "supervised": t["sup_repulsion"].mean().item(),
+                "self_supervised": t["ssl_repulsion"].mean().item(),
+                "gap": t["repulsion_gap"].mean().item(),
+                "gap_min": t["repulsion_gap"].min().item(),
+                "holds_fraction": (t["repulsion_gap"] >= -tol).double().mean().item(),
+            }
+    report["attraction"] = {
+        "supervised": t["sup_attraction"].mean().item(),
+        "surrogate": t["surrogate_attraction"].mean().item(),
+        "self_supervised": t["ssl_attraction"].mean().item(),
+        "gap": t["attraction_gap"].mean().item(),
+        "gap_min": t["attraction_gap"].min().item(),
+        "holds_fraction": (t["attraction_gap"] >= -tol).double().mean().item(),
+        "bias_gap": (t["sup_attraction"] - t["surrogate_attraction"]).mean().item(),
+    }
+    report["repulsion"] = repulsion
+    protos = class_prototypes_from_views(f, labels, num_classes=num_classes)
+    pnorm = protos.norm(dim=-1)
+    a = {
+        "max_norm_deviation": (norms - 1).abs().max().item(),
+        "positive_nonneg_fraction": (t["positive_mean"] >= 0).double().mean().item(),
+        "class_counts": counts.tolist(),
+        "balance_ratio": (counts.min() * num_classes / counts.sum()).item(),
+        "prototype_norm_min": pnorm.min().item(),
+        "prototype_norm_mean": pnorm.mean().item(),
+        "prototype_norm_max": pnorm.max().item(),
+        "nearest_similarity_nonneg_fraction": (t["sup_repulsion"] >= 0).double().mean().item(),
+    }
+    report["assumptions"] = a
+    if a["max_norm_deviation"] > tol:
+        violations.append(
+            f"features are not unit norm (max | ||f|| - 1 | = {a['max_norm_deviation']:.3g}): both bounds assume "
+            "normalised features; use normalize=True"
+        )
+    if a["positive_nonneg_fraction"] < 1:
+        violations.append(
+            f"{1 - a['positive_nonneg_fraction']:.1%} of anchors have negative mean positive similarity: the "
+            "attraction bound needs E_t' s(z, f(t'(x))) >= 0"
+        )
+    if a["balance_ratio"] < 1 - tol:
+        violations.append(
+            f"probe set is imbalanced (n * min_y p_y = {a['balance_ratio']:.3g} < 1, counts "
+            f"{min(a['class_counts'])}..{max(a['class_counts'])}): the log n term of the repulsion bound assumes "
+            "balanced classes"
+        )
+    for nu in nus:
+        if nu > a["prototype_norm_min"] + tol:
+            violations.append(
+                f"nu={nu:g} exceeds the smallest prototype norm {a['prototype_norm_min']:.3g}: the repulsion bound "
+                "needs nu <= ||mu_y||"
+            )
+    if a["nearest_similarity_nonneg_fraction"] < 1:
+        violations.append(
+            f"{1 - a['nearest_similarity_nonneg_fraction']:.1%} of anchors have a negative nearest-prototype "
+            "similarity: the repulsion bound with nu < ||mu_y|| assumes it non-negative"
+        )
+    report["violations"] = violations
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------
+# geometry
+
+
+def alignment(z1: Tensor, z2: Tensor, *, alpha: float = 2.0) -> Tensor:
+    """``E ||z1 - z2||^alpha`` over positive pairs of unit vectors (Wang & Isola 2020). z1, z2: (B, D)."""
+    return (F.normalize(z1, dim=-1) - F.normalize(z2, dim=-1)).norm(dim=-1).pow(alpha).mean()
+
+
+def uniformity(z: Tensor, *, t: float = 2.0) -> Tensor:
+    """``log E_{i<j} exp(-t ||z_i - z_j||^2)`` of unit vectors (Wang & Isola 2020). z: (B, D), B >= 2."""
+    if z.dim() != 2 or z.shape[0] < 2:
+        raise ValueError(f"z must be (B, D) with B >= 2, got {tuple(z.shape)}.")
+    return torch.pdist(F.normalize(z, dim=-1)).pow(2).mul(-t).exp().mean().log()
+
+
+def effective_rank(z: Tensor) -> float:
+    """``exp(H(p))``, p = eigenvalues of the feature covariance over their sum (Roy & Vetterli 2007).
+
+    z: (N, D), N >= 2 -> a value in [1, min(N - 1, D)]; 1 for features on a line, D for isotropic ones.
+    """
+    if z.dim() != 2 or z.shape[0] < 2:
+        raise ValueError(f"z must be (N, D) with N >= 2, got {tuple(z.shape)}.")
+    zc = z.double() - z.double().mean(0)
+    eig = torch.linalg.svdvals(zc).pow(2)  # covariance eigenvalues up to 1/(N-1)
+    if eig.sum() <= 0:
+        return 1.0
+    p = eig / eig.sum()
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def geometry(feats: Tensor) -> dict[str, float]:
+    """Alignment, uniformity, effective rank, mean positive / negative cosine similarity, contrastive top-1.
+
+    feats: (K, N, D), K >= 2, N >= 2. Pairs are (view a, view b) for a != b. ``contrastive_top1``: share of
+    anchors (view a of image i) whose most similar view-b candidate among all N images is image i.
+    ``uniformity`` and ``effective_rank`` use view 0.
+    """
+    if feats.dim() != 3 or feats.shape[0] < 2 or feats.shape[1] < 2:
+        raise ValueError(f"feats must be (K, N, D) with K >= 2 and N >= 2, got {tuple(feats.shape)}.")
+    k, n, _ = feats.shape
+    fhat = F.normalize(feats, dim=-1)
+    align, pos, neg, top1 = [], [], [], []
+    eye = torch.eye(n, dtype=torch.bool, device=feats.device)
+    for a in range(k):
+        for b in range(k):
+            if a == b:
+                continue
+            align.append(alignment(fhat[a], fhat[b]))
+            sim = fhat[a] @ fhat[b].T  # (N, N)
+            pos.append(sim.diagonal().mean())
+            neg.append(sim[~eye].mean())
+            top1.append((sim.argmax(1) == torch.arange(n, device=feats.device)).double().mean())
+    return {
+        "alignment": torch.stack(align).mean().item(),
+        "uniformity": uniformity(fhat[0]).item(),
+        "effective_rank": effective_rank(feats[0]),
+        "positive_similarity": torch.stack(pos).mean().item(),
+        "negative_similarity": torch.stack(neg).mean().item(),
+        "contrastive_top1": torch.stack(top1).mean().item(),
+    }

@@ -1,0 +1,269 @@
+"""Tests for protoclr.diagnostics: hand-computed bias, the bounds as property tests, flagged violations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from protoclr import diagnostics as dg
+
+
+def _bias_reference(feats, labels, *, num_classes, normalize):
+    """Loops over images in float64: mean of K views, class mean of those, three distances."""
+    f = feats.double()
+    if normalize:
+        f = f / f.norm(dim=-1, keepdim=True)
+    k, n, _ = f.shape
+    mu_x = [sum(f[v, i] for v in range(k)) / k for i in range(n)]
+    mu_y = {}
+    for c in range(num_classes):
+        members = [i for i in range(n) if int(labels[i]) == c]
+        mu_y[c] = sum(f[v, i] for i in members for v in range(k)) / (k * len(members))
+    eu, co, an = [], [], []
+    for i in range(n):
+        a, b = mu_x[i], mu_y[int(labels[i])]
+        eu.append(float((a - b).norm()))
+        c = float(a @ b / (a.norm() * b.norm()))
+        co.append(1 - c)
+        an.append(math.degrees(math.acos(max(-1.0, min(1.0, c)))))
+    return {"euclidean": sum(eu) / n, "cosine": sum(co) / n, "angle_deg": sum(an) / n}
+
+
+def test_bias_hand_computed_value():
+    # one class, two images, one view each, in 2-D: mu_y = (0.5, 0.5)
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (K=1, N=2, D=2)
+    out = dg.bias_from_features(feats, torch.tensor([0, 0]), num_classes=1, normalize=False)
+    assert out["euclidean"] == pytest.approx(math.sqrt(0.5))
+    assert out["cosine"] == pytest.approx(1 - math.sqrt(0.5))
+    assert out["angle_deg"] == pytest.approx(45.0)
+    assert out["per_class"]["angle_deg"].tolist() == pytest.approx([45.0])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_bias_matches_float64_reference(normalize):
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(3, 12, 5, generator=g), torch.arange(12) % 4
+    got = dg.bias_from_features(feats, labels, num_classes=4, normalize=normalize)
+    want = _bias_reference(feats, labels, num_classes=4, normalize=normalize)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-4)
+    # per-class values average to the overall value on a balanced set
+    assert got["per_class"]["euclidean"].mean().item() == pytest.approx(got["euclidean"], rel=1e-5)
+
+
+def test_bias_zero_when_views_collapse_and_grows_with_spread():
+    g = torch.Generator().manual_seed(1)
+    protos = torch.randn(3, 8, generator=g)
+    labels = torch.arange(30) % 3
+    collapsed = protos[labels].expand(4, 30, 8)  # every view of every image on its class prototype
+    out = dg.bias_from_features(collapsed, labels, num_classes=3)
+    assert out["euclidean"] < 1e-6 and out["cosine"] < 1e-6 and out["angle_deg"] < 1e-2
+    noise = torch.randn(1, 30, 8, generator=g)  # image-level offset (views agree, images differ)
+    small = dg.bias_from_features(collapsed + 0.1 * noise, labels, num_classes=3)
+    large = dg.bias_from_features(collapsed + 0.5 * noise, labels, num_classes=3)
+    for key in ("euclidean", "cosine", "angle_deg"):
+        assert 0 < small[key] < large[key]
+
+
+def test_bias_invariant_to_image_and_view_order():
+    g = torch.Generator().manual_seed(2)
+    feats, labels = torch.randn(4, 20, 6, generator=g), torch.arange(20) % 5
+    base = dg.bias_from_features(feats, labels, num_classes=5)
+    perm, vperm = torch.randperm(20, generator=g), torch.randperm(4, generator=g)
+    moved = dg.bias_from_features(feats[vperm][:, perm], labels[perm], num_classes=5)
+    for key in ("euclidean", "cosine", "angle_deg"):
+        assert moved[key] == pytest.approx(base[key], rel=1e-6)
+    torch.testing.assert_close(moved["per_class"]["cosine"], base["per_class"]["cosine"])
+
+
+def test_bias_report_has_every_variant():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(8) % 2
+    rep = dg.bias_report(
+        {"backbone": torch.randn(2, 8, 5, generator=g), "projector": torch.randn(2, 8, 3)}, labels, num_classes=2
+    )
+    for head in ("backbone", "projector"):
+        for variant in ("raw", "normalized"):
+            assert set(rep[head][variant]) == {"euclidean", "cosine", "angle_deg", "per_class"}
+            assert len(rep[head][variant]["per_class"]["euclidean"]) == 2
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (dict(feats=torch.randn(5, 4)), r"\(K, N, D\)"),
+        (dict(labels=torch.arange(5) % 3), "labels must be an integer tensor of shape"),
+        (dict(labels=torch.tensor([0, 1, 0, 1, 0, 5])), "labels must lie"),
+        (dict(labels=torch.tensor([0, 1, 0, 1, 0, 1])), "classes \\[2\\] have no images"),
+        (dict(num_classes=0), "num_classes"),
+    ],
+)
+def test_bias_bad_inputs_raise(args, match):
+    kw = dict(feats=torch.randn(2, 6, 4), labels=torch.arange(6) % 3, num_classes=3)
+    kw.update(args)
+    with pytest.raises(ValueError, match=match):
+        dg.bias_from_features(kw["feats"], kw["labels"], num_classes=kw["num_classes"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bounds
+
+
+def _terms_reference(feats, labels, *, num_classes, alpha, nu):
+    """Per-anchor terms in float64 with explicit loops; features already unit norm."""
+    f = feats.double()
+    k, n, _ = f.shape
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
+    mu = torch.stack([f[:, labels == c].mean(dim=(0, 1)) for c in range(num_classes)])
+    out = {key: torch.zeros(k, n, dtype=torch.float64) for key in ("surrogate", "ssl_attr", "sup_rep", "ssl_rep")}
+    for v in range(k):
+        for i in range(n):
+            z = f[v, i]
+            others = [u for u in range(k) if u != v]
+            out["ssl_attr"][v, i] = -sum(cos(z, f[u, i]) for u in others) / len(others)
+            out["surrogate"][v, i] = -cos(z, sum(f[u, i] for u in others) / len(others))
+            out["sup_rep"][v, i] = max(cos(z, mu[c]) for c in range(num_classes) if c != int(labels[i]))
+            inner = [math.log(sum(math.exp(alpha * cos(z, f[t, j])) for j in range(n)) / n) for t in range(k)]
+            out["ssl_rep"][v, i] = (sum(inner) / k + math.log(num_classes)) / (nu * alpha)
+    return out
+
+
+def test_bound_terms_match_float64_reference():
+    g = torch.Generator().manual_seed(4)
+    feats = torch.nn.functional.normalize(torch.randn(3, 9, 4, generator=g), dim=-1)
+    labels = torch.arange(9) % 3
+    got = dg.bound_terms_per_anchor(feats, labels, num_classes=3, alpha=2.0, nu=0.5, chunk_size=4)
+    want = _terms_reference(feats, labels, num_classes=3, alpha=2.0, nu=0.5)
+    torch.testing.assert_close(got["surrogate_attraction"].double(), want["surrogate"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["ssl_attraction"].double(), want["ssl_attr"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["sup_repulsion"].double(), want["sup_rep"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["ssl_repulsion"].double(), want["ssl_rep"], rtol=1e-5, atol=1e-5)
+
+
+def _clustered(g, *, n_per_class, num_classes, k, d, spread, shift=0.0):
+    centers = torch.randn(num_classes, d, generator=g, dtype=torch.float64) + shift
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    image = centers[labels] + spread * torch.randn(len(labels), d, generator=g, dtype=torch.float64)
+    feats = image[None] + 0.5 * spread * torch.randn(k, len(labels), d, generator=g, dtype=torch.float64)
+    return feats, labels
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bounds_hold_wherever_assumptions_hold(seed):
+    g = torch.Generator().manual_seed(seed)
+    feats, labels = _clustered(g, n_per_class=6, num_classes=4, k=3, d=5, spread=[0.3, 1.0, 3.0][seed % 3])
+    checked = 0
+    for alpha in (0.5, 4.0, 20.0):
+        for nu in (0.2, 0.6, 1.0):
+            t = dg.bound_terms_per_anchor(feats, labels, num_classes=4, alpha=alpha, nu=nu)
+            attr_ok = t["positive_mean"] >= 0
+            assert (t["attraction_gap"][attr_ok] >= -1e-10).all()
+            rep_ok = (t["nearest_class_balance"] >= 1) & (t["nearest_prototype_norm"] >= nu)
+            rep_ok &= t["sup_repulsion"] >= 0
+            assert (t["repulsion_gap"][rep_ok] >= -1e-10).all()
+            checked += int(rep_ok.sum()) + int(attr_ok.sum())
+    assert checked > 100  # the property is not vacuous
+
+
+def test_bound_report_clean_when_assumptions_hold():
+    g = torch.Generator().manual_seed(10)
+    # centres in one half-space, so every nearest-prototype similarity is positive
+    feats, labels = _clustered(g, n_per_class=8, num_classes=3, k=4, d=6, spread=0.3, shift=2.0)
+    rep = dg.bound_terms(feats, labels, num_classes=3, alphas=(1.0, 10.0), nus=(0.5,))
+    assert rep["violations"] == []
+    assert rep["attraction"]["holds_fraction"] == 1.0 and rep["attraction"]["gap"] >= 0
+    for key in ("alpha=1,nu=0.5", "alpha=10,nu=0.5"):
+        assert rep["repulsion"][key]["holds_fraction"] == 1.0 and rep["repulsion"][key]["gap_min"] >= 0
+    assert rep["assumptions"]["balance_ratio"] == 1.0 and rep["assumptions"]["class_counts"] == [8, 8, 8]
+
+
+def test_unnormalized_features_break_the_attraction_bound_and_are_flagged():
+    # anchor along e1; its other views: a long vector near -e1+e2 and a short one along e1. The raw mean
+    # points away from the anchor while the mean cosine is positive: -s(z, mu~) > -E s(z, f).
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    img = torch.stack([e1, 10 * (-0.3 * e1 + e2), e1])  # (K=3, D) views of image 0
+    other = torch.stack([e2, e2, e2])
+    feats = torch.stack([img, other, -img, -other], dim=1).double()  # (K, N=4, D)
+    labels = torch.tensor([0, 1, 0, 1])
+    t = dg.bound_terms_per_anchor(feats, labels, num_classes=2, alpha=1.0, nu=1.0, normalize=False)
+    assert t["positive_mean"][0, 0] > 0 and t["attraction_gap"][0, 0] < -0.1
+    rep = dg.bound_terms(feats, labels, num_classes=2, normalize=False)
+    assert rep["attraction"]["holds_fraction"] < 1
+    assert any("not unit norm" in v for v in rep["violations"])
+    fixed = dg.bound_terms_per_anchor(feats, labels, num_classes=2, alpha=1.0, nu=1.0, normalize=True)
+    assert fixed["attraction_gap"][0, 0] >= 0
+
+
+def test_imbalanced_probe_set_breaks_the_repulsion_bound_and_is_flagged():
+    # 30 images of class 0, one of class 1. Two class-0 images point along a, like the lone class-1 image;
+    # the other 28 point along b. For an anchor along a the nearest other prototype (class 1) has s = 1,
+    # but class 1 is 1/31 of E_X', so n * p_1 = 2/31 << 1 and the log n term no longer pays for it.
+    a, b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    feats = torch.cat([a.expand(2, 2, 3), b.expand(2, 28, 3), a.expand(2, 1, 3)], dim=1).double()  # (2, 31, 3)
+    labels = torch.tensor([0] * 30 + [1])
+    t = dg.bound_terms_per_anchor(feats, labels, num_classes=2, alpha=10.0, nu=1.0)
+    assert (t["nearest_class"][:, :2] == 1).all() and (t["sup_repulsion"][:, :2] > 0.999).all()
+    assert (t["nearest_class_balance"][:, :2] < 1).all() and (t["repulsion_gap"][:, :2] < -0.1).all()
+    rep = dg.bound_terms(feats, labels, num_classes=2, alphas=(10.0,), nus=(1.0,))
+    assert rep["repulsion"]["alpha=10,nu=1"]["holds_fraction"] < 1
+    assert rep["assumptions"]["balance_ratio"] == pytest.approx(2 / 31)
+    assert any("imbalanced" in v for v in rep["violations"])
+    # the same geometry on a balanced probe set (as many class-1 copies as class-0 images) satisfies it
+    balanced = torch.cat([feats, a.expand(2, 29, 3).double()], dim=1)
+    t_bal = dg.bound_terms_per_anchor(balanced, torch.tensor([0] * 30 + [1] * 30), num_classes=2, alpha=10.0, nu=1.0)
+    assert (t_bal["repulsion_gap"][:, :2] >= 0).all()
+
+
+def test_nu_above_prototype_norm_is_flagged():
+    g = torch.Generator().manual_seed(11)
+    feats, labels = _clustered(g, n_per_class=5, num_classes=3, k=2, d=4, spread=3.0)
+    rep = dg.bound_terms(feats, labels, num_classes=3, nus=(1.0,))
+    assert rep["assumptions"]["prototype_norm_min"] < 1
+    assert any("nu=1 exceeds" in v for v in rep["violations"])
+
+
+def test_bound_bad_inputs_raise():
+    feats, labels = torch.randn(2, 6, 3), torch.arange(6) % 2
+    with pytest.raises(ValueError, match="views >= 2"):
+        dg.bound_terms_per_anchor(feats[:1], labels, num_classes=2, alpha=1.0, nu=1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        dg.bound_terms_per_anchor(feats, labels, num_classes=2, alpha=0.0, nu=1.0)
+    with pytest.raises(ValueError, match="nu"):
+        dg.bound_terms_per_anchor(feats, labels, num_classes=2, alpha=1.0, nu=-1.0)
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        dg.bound_terms_per_anchor(feats, labels * 0, num_classes=1, alpha=1.0, nu=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# geometry
+
+
+def test_alignment_uniformity_hand_values():
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert dg.alignment(z, z).item() == pytest.approx(0.0)
+    assert dg.alignment(z, -z).item() == pytest.approx(4.0)  # ||2 e||^2
+    # two orthogonal unit vectors: ||zi - zj||^2 = 2 -> log exp(-4) = -4
+    assert dg.uniformity(z).item() == pytest.approx(-4.0)
+
+
+def test_effective_rank_extremes():
+    g = torch.Generator().manual_seed(12)
+    line = torch.randn(50, 1, generator=g) * torch.tensor([[1.0, 2.0, 3.0]])
+    assert dg.effective_rank(line) == pytest.approx(1.0, abs=1e-6)
+    iso = torch.cat([torch.eye(4), -torch.eye(4)])  # covariance proportional to identity
+    assert dg.effective_rank(iso) == pytest.approx(4.0, rel=1e-9)
+
+
+def test_geometry_on_perfect_views():
+    g = torch.Generator().manual_seed(13)
+    base = torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=-1)
+    feats = base.expand(3, 10, 16)
+    geo = dg.geometry(feats)
+    assert geo["alignment"] == pytest.approx(0.0, abs=1e-6)
+    assert geo["positive_similarity"] == pytest.approx(1.0, abs=1e-6)
+    assert geo["contrastive_top1"] == 1.0
+    assert -4.0 <= geo["uniformity"] <= 0 and 1 <= geo["effective_rank"] <= 10
+    sims = base @ base.T
+    assert geo["negative_similarity"] == pytest.approx(sims[~torch.eye(10, dtype=torch.bool)].mean().item(), rel=1e-5)
