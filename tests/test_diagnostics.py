@@ -267,3 +267,63 @@ def test_geometry_on_perfect_views():
     assert -4.0 <= geo["uniformity"] <= 0 and 1 <= geo["effective_rank"] <= 10
     sims = base @ base.T
     assert geo["negative_similarity"] == pytest.approx(sims[~torch.eye(10, dtype=torch.bool)].mean().item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# from an encoder
+
+
+class _ToyEncoder(torch.nn.Module):
+    """forward(x) -> (h, z): h the per-channel mean (B, C), z a fixed linear map of h (B, 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2, bias=False)
+        torch.nn.init.eye_(self.proj.weight)
+
+    def forward(self, x):
+        h = x.mean(dim=(2, 3))
+        return h, self.proj(h)
+
+
+class _Images:
+    def __init__(self, images, labels):
+        self.images, self.labels, self.classes = images, labels, [str(c) for c in range(int(labels.max()) + 1)]
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def get_images(self, idx):
+        return self.images[idx]
+
+
+def _brightness_views(images, *, num_views, seed, indices):
+    """View v of image i scaled by a factor that depends only on (seed, i, v)."""
+    g = torch.Generator().manual_seed(seed)
+    table = 0.5 + torch.rand(10_000, num_views, generator=g)  # (N_max, K)
+    return images.float()[None] / 255 * table[indices].T[:, :, None, None, None]  # (K, B, C, H, W)
+
+
+def test_view_features_and_prototype_bias_from_an_encoder():
+    g = torch.Generator().manual_seed(20)
+    labels = torch.arange(12) % 3
+    images = torch.randint(0, 256, (12, 3, 4, 4), dtype=torch.uint8, generator=g)
+    data = _Images(images, labels)
+    enc = _ToyEncoder().eval()
+    feats = dg.view_features(enc, data, views=3, recipe=_brightness_views, batch_size=5)
+    assert feats["backbone"].shape == (3, 12, 3) and feats["projector"].shape == (3, 12, 2)
+    want = _brightness_views(images, num_views=3, seed=0, indices=torch.arange(12)).mean(dim=(3, 4))
+    torch.testing.assert_close(feats["backbone"], want)
+    bias = dg.prototype_bias(enc, data, views=3, recipe=_brightness_views, feature="projector", normalize=False)
+    ref = dg.bias_from_features(feats["projector"], labels, num_classes=3, normalize=False)
+    assert bias["euclidean"] == pytest.approx(ref["euclidean"])
+    with pytest.raises(ValueError, match="feature must be"):
+        dg.prototype_bias(enc, data, recipe=_brightness_views, feature="z")
+    report = dg.diagnose_features(feats, labels, num_classes=3, alphas=(2.0,), nus=(0.5,))
+    flat = dg.flat_metrics(report, prefix="diag/")
+    assert flat["diag/bias/backbone/normalized/angle_deg"] == pytest.approx(
+        report["bias"]["backbone"]["normalized"]["angle_deg"]
+    )
+    assert flat["diag/bounds/repulsion/alpha=2,nu=0.5/gap"] == report["bounds"]["repulsion"]["alpha=2,nu=0.5"]["gap"]
+    assert flat["diag/bounds/violations"] == len(report["bounds"]["violations"])
+    assert all(math.isfinite(v) for v in flat.values())

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from protoclr import evaluate as ev
+from protoclr.data import class_groups
 
 
 def _knn_reference(train, train_y, test, *, num_classes, k, temperature):
@@ -192,7 +193,7 @@ def test_linear_probe_cached_groups_and_errors():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(200, 6, generator=g)
     y = torch.randint(0, 4, (200,), generator=g)
-    groups = ev.groups_from_counts(torch.tensor([150, 100, 20, 19]))
+    groups = class_groups(torch.tensor([150, 100, 20, 19]))  # many / medium / medium / few
     out = ev.linear_probe_cached(x, y, x, y, num_classes=4, weight_decays=(1e-3,), groups=groups)
     assert set(out["groups"]) == {"many", "medium", "few"}
     with pytest.raises(ValueError, match="val_fraction"):
@@ -201,15 +202,6 @@ def test_linear_probe_cached_groups_and_errors():
         ev.linear_probe_cached(x, y, x, y, num_classes=4, weight_decays=())
     with pytest.raises(ValueError, match="test_labels"):
         ev.linear_probe_cached(x, y, x, y[:5], num_classes=4)
-
-
-def test_groups_from_counts_thresholds():
-    groups = ev.groups_from_counts(torch.tensor([500, 101, 100, 20, 19, 1]))
-    assert groups["many"].tolist() == [0, 1]
-    assert groups["medium"].tolist() == [2, 3]
-    assert groups["few"].tolist() == [4, 5]
-    with pytest.raises(ValueError, match="train_counts"):
-        ev.groups_from_counts(torch.tensor([]))
 
 
 def test_group_accuracy_hand_values():
@@ -248,3 +240,12 @@ def test_linear_probe_augmented_on_colour_coded_images():
         lambda x: x.mean(dim=(2, 3)), train, test, num_classes=3, epochs=30, batch_size=32, lr=5.0
     )
     assert out["top1"] == 1.0 and math.isfinite(out["train_loss"])
+
+
+def test_write_json_atomic_is_strict_json(tmp_path):
+    import json
+
+    path = tmp_path / "eval.json"
+    ev.write_json_atomic({"knn": {"top1": 0.5, "groups": {"few": float("nan")}}, "wd": {1e-4: 0.3}}, path)
+    assert json.loads(path.read_text()) == {"knn": {"top1": 0.5, "groups": {"few": None}}, "wd": {"0.0001": 0.3}}
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]

@@ -23,6 +23,7 @@ over its K views), ``mu_y = E_{x|y} E_t f(t(x))`` the class prototype, ``s`` cos
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -361,3 +362,123 @@ def geometry(feats: Tensor) -> dict[str, float]:
         "negative_similarity": torch.stack(neg).mean().item(),
         "contrastive_top1": torch.stack(top1).mean().item(),
     }
+
+
+# --------------------------------------------------------------------------------------------------------
+# from an encoder
+
+
+def _resolve_recipe(recipe: Any) -> Callable[..., Tensor]:
+    """A callable ``(images uint8 (B, C, H, W), *, num_views, seed, indices) -> (K, B, C, s, s)``.
+
+    ``recipe`` is such a callable, a ``protoclr.views.ViewSpec``, or a preset name of ``protoclr.views``.
+    """
+    if callable(recipe) and not hasattr(recipe, "size"):
+        return recipe
+    from protoclr.views import make_views, view_spec
+
+    spec = view_spec(recipe, []) if isinstance(recipe, str) else recipe
+
+    def views(images: Tensor, *, num_views: int, seed: int, indices: Tensor) -> Tensor:
+        return make_views(images, spec, num_views=num_views, seed=seed, epoch=0, indices=indices)
+
+    return views
+
+
+@torch.no_grad()
+def view_features(
+    encoder: torch.nn.Module,
+    dataset: Any,
+    *,
+    views: int = 8,
+    recipe: Any,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> dict[str, Tensor]:
+    """Backbone and projector features of ``views`` augmentations of every image: ``{"backbone": (K, N, F),
+    "projector": (K, N, D)}`` float32 on CPU.
+
+    encoder: ``forward(x) -> (h, z)`` (``protoclr.models.Encoder``), put in eval mode by the caller.
+    dataset: has ``get_images(indices)`` and ``__len__``. ``recipe``: see :func:`_resolve_recipe`; view ``v``
+    of image ``i`` depends only on ``(seed, i, v)``, so the probe set sees the same views every time.
+    """
+    if not isinstance(views, int) or views < 1:
+        raise ValueError(f"views must be a positive int, got {views!r}.")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    make = _resolve_recipe(recipe)
+    n = len(dataset)
+    hs, zs = [], []
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n))
+        x = make(dataset.get_images(idx).to(device), num_views=views, seed=seed, indices=idx)  # (K, B, C, s, s)
+        h, z = encoder(x.flatten(0, 1))  # (K B, F), (K B, D)
+        hs.append(h.float().view(views, len(idx), -1).cpu())
+        zs.append(z.float().view(views, len(idx), -1).cpu())
+    return {"backbone": torch.cat(hs, dim=1), "projector": torch.cat(zs, dim=1)}
+
+
+def prototype_bias(
+    encoder: torch.nn.Module,
+    dataset: Any,
+    *,
+    views: int = 8,
+    recipe: Any,
+    feature: str = "backbone",
+    normalize: bool = True,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Prototype representation bias of ``encoder`` on a labeled ``dataset`` (:func:`bias_from_features`).
+
+    ``feature``: "backbone" (h) or "projector" (z). ``views`` augmentations per image estimate ``mu~_x``;
+    the class prototypes are the means over the dataset. Use :func:`diagnose` for every variant at once.
+    """
+    if feature not in ("backbone", "projector"):
+        raise ValueError(f"feature must be 'backbone' or 'projector', got {feature!r}.")
+    labels = torch.as_tensor(dataset.labels).long()
+    feats = view_features(encoder, dataset, views=views, recipe=recipe, seed=seed, batch_size=batch_size,
+                          device=device)[feature]  # fmt: skip
+    num_classes = len(getattr(dataset, "classes", [])) or int(labels.max()) + 1
+    return bias_from_features(feats, labels, num_classes=num_classes, normalize=normalize)
+
+
+def diagnose_features(
+    features: dict[str, Tensor],
+    labels: Tensor,
+    *,
+    num_classes: int,
+    alphas: tuple[float, ...] = (1.0, 5.0, 10.0),
+    nus: tuple[float, ...] = (1.0,),
+) -> dict[str, Any]:
+    """Everything at once from per-view features: ``bias`` (every head and variant), ``bounds`` and
+    ``geometry`` on the projector output (the space the contrastive loss sees), L2-normalised.
+
+    features: {"backbone": (K, N, F), "projector": (K, N, D)}, K >= 2; labels: (N,).
+    """
+    z = features["projector"]
+    return {
+        "bias": bias_report(features, labels, num_classes=num_classes),
+        "bounds": bound_terms(z, labels, num_classes=num_classes, alphas=alphas, nus=nus),
+        "geometry": geometry(z),
+    }
+
+
+def flat_metrics(report: dict[str, Any], *, prefix: str = "") -> dict[str, float]:
+    """Scalars of a :func:`diagnose_features` report as flat ``a/b/c`` keys, for metric logs. Lists
+    (per-class values, class counts) and violation messages are left out; ``violations`` becomes a count."""
+    out: dict[str, float] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}/{key}" if path else str(key))
+        elif isinstance(node, bool | int | float):
+            out[prefix + path] = float(node)
+
+    walk(report, "")
+    if "bounds" in report:
+        out[prefix + "bounds/violations"] = float(len(report["bounds"]["violations"]))
+    return out
