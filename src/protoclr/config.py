@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     dataset: str = "fashion_mnist"  # name in protoclr.data.DATASETS
-    root: str = "/usr/share/datasets/fashion-mnist"  # where the dataset lives
+    root: str = ""  # where the dataset lives; "" = the loader's default location (protoclr.data)
     download: bool = False  # fetch the dataset if missing (needs network)
     train_split: str = "train"  # split trained on (labels unused except by the online probe)
     test_split: str = "test"  # held-out labeled split for the online monitors

@@ -38,7 +38,8 @@ def _group_norm(channels: int) -> nn.Module:
 
 # name -> 2d norm layer constructor taking the channel count; the 1d (projector) twin is in _NORMS_1D.
 NORMS: dict[str, NormLayer] = {"batch": nn.BatchNorm2d, "group": _group_norm, "none": lambda c: nn.Identity()}
-_NORMS_1D: dict[str, NormLayer] = {"batch": nn.BatchNorm1d, "group": _group_norm, "none": lambda c: nn.Identity()}
+# GroupNorm over a (B, C) vector with one channel per group is degenerate; its per-sample twin is LayerNorm.
+_NORMS_1D: dict[str, NormLayer] = {"batch": nn.BatchNorm1d, "group": nn.LayerNorm, "none": lambda c: nn.Identity()}
 
 
 def _resnet(depth: int) -> Callable[..., nn.Module]:

@@ -1,0 +1,77 @@
+"""Config: defaults, YAML + overrides, and errors that name the key (unknown, wrong type, out of range)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from protoclr.config import Config, ConfigError, config_from_dict, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_cpu_default():
+    cfg = load_config(None)
+    assert (cfg.data.dataset, cfg.model.backbone, cfg.loss.name) == ("fashion_mnist", "convnet", "balanced")
+    assert cfg.lr() == pytest.approx(cfg.optim.base_lr * cfg.train.batch_size / 256)
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  batch_size: 512\noptim:\n  base_lr: 0.3\n")
+    cfg = load_config(f, ["optim.base_lr=0.6", "trainer.devices=8", "data.view_modifiers=[a, b]",
+                          "loss.similarity=dot", "model.small_images=false"])
+    assert cfg.train.batch_size == 512 and cfg.optim.base_lr == 0.6 and cfg.lr() == pytest.approx(1.2)
+    assert cfg.trainer.devices == "8" and cfg.data.view_modifiers == ["a", "b"]
+    assert cfg.loss.similarity == "dot" and cfg.model.small_images is False
+    assert isinstance(load_config(None, ["optim.base_lr=1"]).optim.base_lr, float)  # int accepted as float
+    # the resolved config round-trips through YAML (what a run saves)
+    assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["optim.lrr=0.1"], "optim.lrr"),
+        (["optimizer.lr=0.1"], "optimizer"),
+        (["train.batch_size=64.5"], "train.batch_size"),
+        (["train.batch_size=abc"], "train.batch_size"),
+        (["model.small_images=3"], "model.small_images"),
+        (["optim.base_lr=fast"], "optim.base_lr"),
+        (["train.batch_size=1"], "train.batch_size"),
+        (["optim.base_lr=-0.1"], "optim.base_lr"),
+        (["loss.alpha=0"], "loss.alpha"),
+        (["loss.alpha=-2"], "loss.alpha"),
+        (["loss.similarity=cos"], "loss.similarity"),
+        (["train.on_nonfinite=ignore"], "train.on_nonfinite"),
+        (["data.num_views=1"], "data.num_views"),
+        (["train.epochs"], "train.epochs"),
+    ],
+)
+def test_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_yaml_errors_name_the_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  batch_size: '256'\n")  # a string where an int belongs (no coercion from files)
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        load_config(f)
+    f.write_text("trainer:\n  devcies: 2\n")
+    with pytest.raises(ConfigError, match=r"trainer\.devcies.*devices"):
+        load_config(f)
+    f.write_text("model: resnet18\n")
+    with pytest.raises(ConfigError, match="model"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load_and_open_with_their_command(path):
+    text = path.read_text()
+    head = text.split("\n\n")[0]
+    assert head.startswith("#") and "protoclr pretrain" in head and "accuracy" in head.lower()
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
