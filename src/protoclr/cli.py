@@ -6,6 +6,7 @@ dispatches, so importing the CLI does not import torch until a subcommand runs.
     protoclr demo                      # the default CPU job end to end
     protoclr pretrain --config C.yaml key=value ...
     protoclr evaluate RUN_DIR --knn --linear cached
+    protoclr diagnose RUN_DIR
     protoclr views --dataset cifar10_zip --preset simclr_cifar --out grid.png
 """
 
@@ -19,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("protoclr.train", "demo_main", "pretrain the CPU default, evaluate it, print a results table"),
     "pretrain": ("protoclr.train", "cli_main", "train an encoder without labels"),
     "evaluate": ("protoclr.evaluate", "cli_main", "kNN / linear probe of a run or checkpoint"),
+    "diagnose": ("protoclr.diagnostics", "cli_main", "prototype bias, bound terms and geometry of a run"),
     "views": ("protoclr.views", "cli_main", "save a grid of images and their augmented views"),
 }
 
