@@ -24,8 +24,11 @@ def logsumexp(xs: list[float]) -> float:
 
 
 def oracle_loss(z, *, alpha, lam=1.0, nu=1.0, negatives="all", positive_in_denominator=True, scale="none",
-                similarity="cosine", reduction="mean"):
+                similarity="cosine", reduction="mean", target=None, queue=None):
+    """Anchors are rows of z; positives and candidates are rows of target (default z), plus queue rows."""
     z = z.detach().double()
+    t = z if target is None else target.detach().double()
+    q = [] if queue is None else list(queue.detach().double())
     V, B, _ = z.shape
     losses = []
     for v in range(V):
@@ -35,14 +38,16 @@ def oracle_loss(z, *, alpha, lam=1.0, nu=1.0, negatives="all", positive_in_denom
             for w in range(V):
                 if w == v:
                     continue
-                p = z[w, i]
+                p = t[w, i]
                 if negatives == "all":
                     cands = [(u, j) for u in range(V) for j in range(B) if (u, j) != (v, i)]
                 else:
                     cands = [(w, j) for j in range(B)]
                 if not positive_in_denominator:
                     cands = [(u, j) for (u, j) in cands if j != i]
-                lse = logsumexp([alpha * sim(a, z[u, j], similarity) for (u, j) in cands])
+                logits = [alpha * sim(a, t[u, j], similarity) for (u, j) in cands]
+                logits += [alpha * sim(a, row, similarity) for row in q]
+                lse = logsumexp(logits)
                 l_ap = -alpha * sim(a, p, similarity) + (lam / nu) * lse
                 if scale == "inverse_alpha":
                     l_ap /= alpha

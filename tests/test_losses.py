@@ -301,3 +301,62 @@ def test_prototype_bank_ema_formula():
     assert set(state) == {"prototypes", "seen"}
     with pytest.raises(ValueError, match="momentum"):
         L.PrototypeBank(3, 2, momentum=1.0)
+
+
+# --- target branch and queue ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("negatives,pos_in,scale,similarity", OPTIONS[::2])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_target_branch_matches_oracle(negatives, pos_in, scale, similarity, chunk_size):
+    torch.manual_seed(15)
+    z, t = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    kw = dict(alpha=1.7, lam=1.2, negatives=negatives, positive_in_denominator=pos_in, scale=scale,
+              similarity=similarity)
+    out = contrastive_loss(z, target=t, reduction="none", chunk_size=chunk_size, **kw)
+    torch.testing.assert_close(out, oracle_loss(z, target=t, reduction="none", **kw), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "neg_euclidean"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_queue_matches_oracle_and_gets_no_gradient(similarity, chunk_size):
+    torch.manual_seed(16)
+    z = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    queue = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    kw = dict(alpha=2.0, similarity=similarity, positive_in_denominator=False)
+    out = contrastive_loss(z, queue=queue, chunk_size=chunk_size, **kw)
+    torch.testing.assert_close(out, oracle_loss(z, queue=queue, **kw), rtol=1e-10, atol=1e-10)
+    out.backward()
+    assert queue.grad is None and z.grad is not None
+    assert torch.autograd.gradcheck(lambda x: contrastive_loss(x, queue=queue, chunk_size=chunk_size, **kw), (z,))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradients_reach_each_side_that_asks(chunk_size, reduction):
+    torch.manual_seed(17)
+    z = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    kw = dict(alpha=1.5, chunk_size=chunk_size, reduction=reduction)
+    assert torch.autograd.gradcheck(lambda a, b: contrastive_loss(a, target=b, **kw), (z, t))
+    # Stop-gradient target: the anchor side alone, and nothing at all reaches the detached branch.
+    w = torch.rand(8, dtype=torch.float64) if reduction == "none" else 1.0
+    (g_sg,) = torch.autograd.grad((contrastive_loss(z, target=t.detach(), **kw) * w).sum(), z)
+    (g_full,) = torch.autograd.grad((contrastive_loss(z, **kw) * w).sum(), z)
+    (g_anchor, _) = torch.autograd.grad((contrastive_loss(z, target=t, **kw) * w).sum(), (z, t))
+    torch.testing.assert_close(g_sg, g_anchor)
+    assert not torch.allclose(g_sg, g_full)  # the shared branch also sends gradient through the targets
+    (g_same,) = torch.autograd.grad((contrastive_loss(z, target=z, **kw) * w).sum(), z)
+    torch.testing.assert_close(g_same, g_full)
+
+
+def test_target_and_queue_errors():
+    z = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="target must be a tensor shaped like z"):
+        contrastive_loss(z, alpha=1.0, target=torch.randn(2, 5, 3))
+    with pytest.raises(ValueError, match="negatives='all' only"):
+        contrastive_loss(z, alpha=1.0, negatives="cross", queue=torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"queue must have shape \(Q, D\) with D=3"):
+        contrastive_loss(z, alpha=1.0, queue=torch.randn(4, 2))
+    with pytest.raises(ValueError, match="target has"):
+        contrastive_loss(z, alpha=1.0, target=torch.full_like(z, float("nan")), check_finite=True)

@@ -104,14 +104,15 @@ def _pairwise_similarity(x: torch.Tensor, y: torch.Tensor, kernel: str) -> torch
 # the log-sum-exp term
 
 
-def _groups(negatives: str, V: int, Bg: int, view: int) -> list[tuple[int, int, float]]:
+def _groups(negatives: str, V: int, Bg: int, view: int, Q: int = 0) -> list[tuple[int, int, float]]:
     """Column groups ``(start, stop, weight)`` of the flat candidate stack for anchors of view ``view``.
 
-    ``all``: one group, every row (the anchor itself is masked). ``cross``: one group per other view
-    ``v'``, weighted ``1/(V-1)`` since ``l_a`` averages over the positives, one in each other view.
+    ``all``: one group, every row plus the ``Q`` queue rows appended after them (the anchor itself is
+    masked). ``cross``: one group per other view ``v'``, weighted ``1/(V-1)`` since ``l_a`` averages over the
+    positives, one in each other view.
     """
     if negatives == "all":
-        return [(0, V * Bg, 1.0)]
+        return [(0, V * Bg + Q, 1.0)]
     return [(v * Bg, (v + 1) * Bg, 1.0 / (V - 1)) for v in range(V) if v != view]
 
 
@@ -149,47 +150,52 @@ def _anchor_blocks(Na: int, Bl: int, V: int, chunk: int):
             yield s, min(s + chunk, (v + 1) * Bl), v
 
 
-def _lse_dense(za: torch.Tensor, zc: torch.Tensor, img: torch.Tensor, *, V: int, Bl: int, Bg: int, **kw):
+def _lse_dense(za: torch.Tensor, zc: torch.Tensor, img: torch.Tensor, *, V: int, Bl: int, Bg: int, Q: int, **kw):
     """Differentiable LSE term per anchor (Na,), one block per view."""
     out = []
     for v in range(V):
         rows = slice(v * Bl, (v + 1) * Bl)
         term = 0.0
-        for g in _groups(kw["negatives"], V, Bg, v):
+        for g in _groups(kw["negatives"], V, Bg, v, Q):
             logits = _masked_logits(za[rows], zc, img[rows], v, g, V=V, Bg=Bg, **kw)
             term = term + g[2] * torch.logsumexp(logits, dim=1)
         out.append(term)
     return torch.cat(out)
 
 
-def _lse_sweep(za, zc, img, weights, *, V, Bl, Bg, chunk, need_grad, **kw):
-    """One tiled pass: the LSE term per anchor (Na,) and, if ``need_grad``, the gradients of
-    ``sum_a weights[a] * term[a]`` with respect to ``za`` (Na, D) and ``zc`` (Nc, D)."""
+def _lse_sweep(za, zc, img, weights, *, V, Bl, Bg, Q, chunk, need_grad, **kw):
+    """One tiled pass: the LSE term per anchor (Na,) and the gradients of ``sum_a weights[a] * term[a]``
+    with respect to ``za`` (Na, D) and ``zc`` (Nc, D), each only where ``need_grad`` (a pair of bools) asks."""
     kernel, alpha = kw["kernel"], kw["alpha"]
+    need_a, need_c = need_grad
     term = za.new_zeros(za.shape[0])
-    dza = torch.zeros_like(za) if need_grad else None
-    dzc = torch.zeros_like(zc) if need_grad else None
+    dza = torch.zeros_like(za) if need_a else None
+    dzc = torch.zeros_like(zc) if need_c else None
     for s, e, v in _anchor_blocks(za.shape[0], Bl, V, chunk):
         a = za[s:e]
-        for g in _groups(kw["negatives"], V, Bg, v):
+        for g in _groups(kw["negatives"], V, Bg, v, Q):
             logits = _masked_logits(a, zc, img[s:e], v, g, V=V, Bg=Bg, **kw)  # (R, M)
-            dist = logits / (-alpha) if need_grad and kernel != "dot" else None  # ||a - c||, +inf where masked
+            dist = logits / (-alpha) if (need_a or need_c) and kernel != "dot" else None  # ||a-c||, inf if masked
             # log-sum-exp in place: one exp pass over the tile, which then holds the softmax numerators.
             m = logits.amax(1, keepdim=True)
             total = logits.sub_(m).exp_().sum(1, keepdim=True)
             term[s:e] += g[2] * (m + total.log()).squeeze(1)
-            if not need_grad:
+            if not (need_a or need_c):
                 continue
             # d lse / d logits = softmax; the chain through alpha * s(a, b) gives the kernel's derivative.
             p = logits.mul_((alpha * g[2]) * weights[s:e].unsqueeze(1) / total)
             c = zc[g[0] : g[1]]
             if dist is None:
-                dza[s:e] += p @ c
-                dzc[g[0] : g[1]] += p.T @ a
+                if need_a:
+                    dza[s:e] += p @ c
+                if need_c:
+                    dzc[g[0] : g[1]] += p.T @ a
             else:  # s = -||a - c||: ds/da = -(a - c)/d, ds/dc = (a - c)/d; masked entries have p = 0
                 h = p.div_(dist)
-                dza[s:e] += h @ c - h.sum(1, keepdim=True) * a
-                dzc[g[0] : g[1]] += h.T @ a - h.sum(0).unsqueeze(1) * c
+                if need_a:
+                    dza[s:e] += h @ c - h.sum(1, keepdim=True) * a
+                if need_c:
+                    dzc[g[0] : g[1]] += h.T @ a - h.sum(0).unsqueeze(1) * c
     return term, dza, dzc
 
 
@@ -199,10 +205,11 @@ class _TiledLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, za, zc, img, kw, fused):  # type: ignore[override]
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ones = za.new_ones(za.shape[0])
-        term, dza, dzc = _lse_sweep(za, zc, img, ones, need_grad=fused, **kw)
+        term, dza, dzc = _lse_sweep(za, zc, img, ones, need_grad=need if fused else (False, False), **kw)
         ctx.save_for_backward(za, zc, img)
-        ctx.kw, ctx.fused, ctx.grads = kw, fused, (dza, dzc)
+        ctx.kw, ctx.fused, ctx.grads, ctx.need = kw, fused, (dza, dzc), need
         return term
 
     @staticmethod
@@ -210,9 +217,9 @@ class _TiledLSE(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         za, zc, img = ctx.saved_tensors
         if ctx.fused and bool((grad == grad[0]).all()):
-            dza, dzc = (grad[0] * g for g in ctx.grads)
+            dza, dzc = (None if g is None else grad[0] * g for g in ctx.grads)
         else:
-            _, dza, dzc = _lse_sweep(za, zc, img, grad, need_grad=True, **ctx.kw)
+            _, dza, dzc = _lse_sweep(za, zc, img, grad, need_grad=ctx.need, **ctx.kw)
         return dza, dzc, None, None, None
 
 
@@ -234,6 +241,8 @@ def contrastive_loss(
     chunk_size: int | None = None,
     gather: bool | DistContext | None = None,
     check_finite: bool = False,
+    target: torch.Tensor | None = None,
+    queue: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The contrastive loss family (module docstring; docs/losses.md).
 
@@ -253,7 +262,13 @@ def contrastive_loss(
             ``reduction="mean"`` returns ``world_size / (V * B_global)`` times the sum of this rank's anchor
             losses, so that averaging the value and the gradients over ranks (as DDP does) gives exactly the
             single-process loss with the global batch, even when ranks hold different batch sizes.
-        check_finite: raise ``ValueError`` if ``z`` holds NaN or Inf.
+        check_finite: raise ``ValueError`` if ``z`` (or ``target``) holds NaN or Inf.
+        target: ``(V, B, D)`` like ``z``, default ``z``. ``z`` supplies the anchors, ``target`` the positives
+            and the candidates (same rows, same masks). Gradient reaches each side that requires it: pass
+            ``target=z.detach()`` for a stop-gradient branch, a momentum encoder's output for MoCo/BYOL-style
+            targets. The attraction and repulsion terms both read ``target``.
+        queue: ``(Q, D)`` extra negatives (past targets, MoCo-style) appended to every candidate set; no
+            gradient reaches them. Only with ``negatives="all"``; every rank must hold the same queue.
 
     Returns:
         a scalar (``"mean"``) or ``(V*B,)`` (``"none"``), float32 (float64 for float64 input).
@@ -269,21 +284,36 @@ def contrastive_loss(
     _choice("reduction", reduction, REDUCTIONS)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if target is not None and (not isinstance(target, torch.Tensor) or target.shape != z.shape):
+        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"target must be a tensor shaped like z {tuple(z.shape)}; got {got}")
+    if queue is not None:
+        if negatives != "all":
+            raise ValueError("queue (extra negatives) is supported with negatives='all' only: with 'cross' the "
+                             "candidates are one view's rows and a queue belongs to no view")
+        if not isinstance(queue, torch.Tensor) or queue.dim() != 2 or queue.shape[1] != z.shape[2]:
+            got = tuple(queue.shape) if isinstance(queue, torch.Tensor) else type(queue).__name__
+            raise ValueError(f"queue must have shape (Q, D) with D={z.shape[2]}; got {got}")
     if check_finite:
         _check_finite("z", z)
+        if target is not None:
+            _check_finite("target", target)
     ctx = gather if isinstance(gather, DistContext) else current_context()
     if gather is False:
         ctx = DistContext()
 
     with torch.autocast(device_type=z.device.type, enabled=False):
-        zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-        if similarity == "cosine":
-            zf = F.normalize(zf, dim=-1)
+        def prepare(x: torch.Tensor) -> torch.Tensor:
+            x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            return F.normalize(x, dim=-1) if similarity == "cosine" else x
+
+        zf = prepare(z)
+        tf = zf if target is None else prepare(target).to(zf.dtype)
         kernel = "neg_euclidean" if similarity == "neg_euclidean" else "dot"
         V, Bl, D = zf.shape
 
-        # Candidates: the (V, B_global, D) stack, gathered along the batch so rows stay view-major.
-        zc3, offset = all_gather_with_grad(zf.transpose(0, 1), ctx)  # (B_global, V, D)
+        # Candidates: the (V, B_global, D) target stack, gathered along the batch so rows stay view-major.
+        zc3, offset = all_gather_with_grad(tf.transpose(0, 1), ctx)  # (B_global, V, D)
         zc3 = zc3.transpose(0, 1)
         Bg = zc3.shape[1]
         if Bg < 2:
@@ -292,26 +322,30 @@ def contrastive_loss(
                 "anchor has a negative; increase the batch size"
             )
         za, zc = zf.reshape(V * Bl, D), zc3.reshape(V * Bg, D)
+        Q = 0
+        if queue is not None:
+            zq = prepare(queue.detach()).to(zc.dtype)
+            zc, Q = torch.cat([zc, zq]), zq.shape[0]
         img = (torch.arange(Bl, device=z.device) + offset).repeat(V)  # (V*Bl,) global image index
 
         # Attraction: mean over the V-1 positives of s(a, p); positives are always on this rank.
         if kernel == "dot":
-            pos = (zf * (zf.sum(0, keepdim=True) - zf)).sum(-1) / (V - 1)  # (V, Bl)
+            pos = (zf * (tf.sum(0, keepdim=True) - tf)).sum(-1) / (V - 1)  # (V, Bl)
         else:
             pos = torch.stack(
-                [sum(_pairwise_similarity(zf[v], zf[w], kernel) for w in range(V) if w != v) for v in range(V)]
+                [sum(_pairwise_similarity(zf[v], tf[w], kernel) for w in range(V) if w != v) for v in range(V)]
             ) / (V - 1)
         pos = pos.reshape(V * Bl)
 
         kw = dict(alpha=float(alpha), kernel=kernel, negatives=negatives,
                   positive_in_denominator=positive_in_denominator)
-        cols = (V - 1) * Bg if negatives == "cross" else V * Bg  # candidate columns per anchor
+        cols = (V - 1) * Bg if negatives == "cross" else V * Bg + Q  # candidate columns per anchor
         if chunk_size is None and V * Bl * cols <= DENSE_MAX_ENTRIES:
-            lse = _lse_dense(za, zc, img, V=V, Bl=Bl, Bg=Bg, **kw)
+            lse = _lse_dense(za, zc, img, V=V, Bl=Bl, Bg=Bg, Q=Q, **kw)
         else:
             chunk = chunk_size or min(TILE_ROWS, max(16, TILE_ENTRIES // cols))
-            fused = reduction == "mean" and torch.is_grad_enabled() and zf.requires_grad
-            lse = _TiledLSE.apply(za, zc, img, dict(kw, V=V, Bl=Bl, Bg=Bg, chunk=chunk), fused)
+            fused = reduction == "mean" and torch.is_grad_enabled() and (za.requires_grad or zc.requires_grad)
+            lse = _TiledLSE.apply(za, zc, img, dict(kw, V=V, Bl=Bl, Bg=Bg, Q=Q, chunk=chunk), fused)
 
         loss = -alpha * pos + (lam / nu) * lse
         if scale == "inverse_alpha":
