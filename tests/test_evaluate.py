@@ -249,3 +249,31 @@ def test_write_json_atomic_is_strict_json(tmp_path):
     ev.write_json_atomic({"knn": {"top1": 0.5, "groups": {"few": float("nan")}}, "wd": {1e-4: 0.3}}, path)
     assert json.loads(path.read_text()) == {"knn": {"top1": 0.5, "groups": {"few": None}}, "wd": {"0.0001": 0.3}}
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+def test_cli_evaluates_a_run_writes_eval_json_and_records_it(tmp_path, fashion_mnist_dir):
+    import json
+
+    train = pytest.importorskip("protoclr.train")
+    from protoclr.config import load_config
+    from protoclr.results import ResultsDB
+
+    cfg = load_config(
+        None,
+        [f"train.out_dir={tmp_path}", "train.run_name=tiny", "train.epochs=1", "train.max_steps=2",
+         "train.batch_size=32", "data.train_subset=128", "data.views=simclr_small", "monitor.every=0",
+         f"data.root={fashion_mnist_dir}", "trainer.accelerator=cpu"],
+    )  # fmt: skip
+    run_dir = train.pretrain(cfg)
+    argv = [str(run_dir), "--knn", "--linear", "cached", "--train-subset", "300", "--k", "20"]
+    assert ev.cli_main(argv) == 0
+    out = json.loads((run_dir / "eval.json").read_text())
+    assert out["train_images"] == 300 and out["test_images"] == 10000
+    for method in ("knn", "linear_cached"):
+        assert 0.1 < out[method]["top1"] <= out[method]["top5"] <= 1  # better than chance on 10 classes
+    row = ResultsDB(tmp_path / "runs.db").get_run("tiny")["final_metrics"]
+    assert row["eval_knn_top1"] == out["knn"]["top1"] and row["eval_linear_top1"] == out["linear_cached"]["top1"]
+    assert len(list((run_dir / "features").glob("*.pt"))) == 2  # train and test features cached
+    assert ev.cli_main([a for a in argv if a not in ("--linear", "cached")]) == 0  # cache; keeps the probe
+    again = json.loads((run_dir / "eval.json").read_text())
+    assert again["knn"]["top1"] == out["knn"]["top1"] and "linear_cached" in again
