@@ -40,8 +40,17 @@ from torch import Tensor
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 _REPO = Path(__file__).resolve().parents[2]
 _DECODE_CHUNK = 4096  # files read before a parallel decode; bounds the memory of raw bytes held at once
 _SHOW_BAD = 20  # bad files listed in an error message before "... and N more"
@@ -409,8 +418,14 @@ def load_image_folder(
             )
         classes, label_list, _ = _classes_from_members(files, source)
         labels = torch.as_tensor(label_list, dtype=torch.int64)
-        probe = LabeledImages(labels=torch.as_tensor(labels), classes=classes, files=files, source=str(source),
-                              channels=channels, name=name)  # fmt: skip
+        probe = LabeledImages(
+            labels=torch.as_tensor(labels),
+            classes=classes,
+            files=files,
+            source=str(source),
+            channels=channels,
+            name=name,
+        )
         if in_memory is None:
             try:
                 c, h, w = probe.load_image(0).shape
@@ -418,9 +433,12 @@ def load_image_folder(
             except ValueError:
                 in_memory = len(files) * channels * 64 * 64 <= max_memory_bytes
         decoded, bad = _decode_all(
-            probe._read_bytes, files, channels=channels, image_size=image_size if in_memory else None,
+            probe._read_bytes,
+            files,
+            channels=channels,
+            image_size=image_size if in_memory else None,
             where=lambda m: _join_source(str(source), m),
-        )  # fmt: skip
+        )
         keep = torch.tensor([d is not None for d in decoded], dtype=torch.bool)
         images = None
         if in_memory:
@@ -470,8 +488,9 @@ def _shared_cifar10_jpeg(root: str | Path | None) -> Path:
     )
 
 
-def load_cifar10_zip(*, split: str = "train", root: str | Path | None = None, download: bool = False,
-                     **kw: Any) -> LabeledImages:  # fmt: skip
+def load_cifar10_zip(
+    *, split: str = "train", root: str | Path | None = None, download: bool = False, **kw: Any
+) -> LabeledImages:
     """CIFAR-10 re-encoded as JPEG in ``train.zip``/``test.zip`` (found beside the repo or at ``root``)."""
     _check_split("cifar10_zip", split, ("train", "test"))
     return load_image_folder(_shared_cifar10_jpeg(root) / f"{split}.zip", split=split, name="cifar10_zip", **kw)
@@ -503,8 +522,9 @@ def _unpickle(path: Path) -> dict:
         return pickle.load(f, encoding="latin1")
 
 
-def load_cifar(name: str, *, split: str = "train", root: str | Path | None = None, download: bool = False
-               ) -> LabeledImages:  # fmt: skip
+def load_cifar(
+    name: str, *, split: str = "train", root: str | Path | None = None, download: bool = False
+) -> LabeledImages:
     """CIFAR-10/100 from torchvision's pickled batches under ``root`` (``cifar-10-batches-py`` etc.)."""
     _check_split(name, split, ("train", "test"))
     root = Path(root).expanduser() if root is not None else default_data_root()
@@ -526,8 +546,9 @@ def load_cifar(name: str, *, split: str = "train", root: str | Path | None = Non
         xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.extend(d[label_key])
     classes = list(_unpickle(base / meta)[names_key])
-    return LabeledImages(labels=torch.as_tensor(ys), classes=classes, images=torch.from_numpy(np.concatenate(xs)),
-                         name=name)  # fmt: skip
+    return LabeledImages(
+        labels=torch.as_tensor(ys), classes=classes, images=torch.from_numpy(np.concatenate(xs)), name=name
+    )
 
 
 def load_stl10(*, split: str = "train", root: str | Path | None = None, download: bool = False) -> LabeledImages:
@@ -547,8 +568,9 @@ def load_stl10(*, split: str = "train", root: str | Path | None = None, download
     else:
         y = np.fromfile(base / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1  # stored 1..10
     classes = (base / "class_names.txt").read_text().split()
-    return LabeledImages(labels=torch.from_numpy(y), classes=classes, images=torch.from_numpy(np.ascontiguousarray(x)),
-                         name="stl10")  # fmt: skip
+    return LabeledImages(
+        labels=torch.from_numpy(y), classes=classes, images=torch.from_numpy(np.ascontiguousarray(x)), name="stl10"
+    )
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -563,8 +585,9 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_fashion_mnist(*, split: str = "train", root: str | Path | None = None, download: bool = False
-                       ) -> LabeledImages:  # fmt: skip
+def load_fashion_mnist(
+    *, split: str = "train", root: str | Path | None = None, download: bool = False
+) -> LabeledImages:
     """Fashion-MNIST ``(N, 1, 28, 28)``: from ``root``, the Debian package, or ``./data`` (download on request)."""
     _check_split("fashion_mnist", split, ("train", "test"))
     stem = "train" if split == "train" else "t10k"
@@ -583,22 +606,34 @@ def load_fashion_mnist(*, split: str = "train", root: str | Path | None = None, 
             xi, yi = find(d, "images-idx3"), find(d, "labels-idx1")
             if xi and yi:
                 x, y = _read_idx(xi), _read_idx(yi)
-                return LabeledImages(labels=torch.from_numpy(y.astype(np.int64)), classes=list(FASHION_MNIST_CLASSES),
-                                     images=torch.from_numpy(x.copy()).unsqueeze(1), name="fashion_mnist")  # fmt: skip
+                return LabeledImages(
+                    labels=torch.from_numpy(y.astype(np.int64)),
+                    classes=list(FASHION_MNIST_CLASSES),
+                    images=torch.from_numpy(x.copy()).unsqueeze(1),
+                    name="fashion_mnist",
+                )
         if attempt == 0 and download:
             _torchvision_download("FashionMNIST", data_root)
         else:
             break
     raise FileNotFoundError(
-        f"fashion_mnist not found: looked for {stem}-images-idx3-ubyte[.gz] in " + ", ".join(map(str, dirs))
+        f"fashion_mnist not found: looked for {stem}-images-idx3-ubyte[.gz] in "
+        + ", ".join(map(str, dirs))
         + ". Install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or pass "
         f"download=True (CLI: --download) to fetch it into {data_root}."
-    )  # fmt: skip
+    )
 
 
-def load_imagenet_lt(*, split: str = "train", root: str | Path | None = None, download: bool = False,
-                     lists: str | Path | None = None, image_size: int = 256, on_bad: str = "error",
-                     check: bool = True) -> LabeledImages:  # fmt: skip
+def load_imagenet_lt(
+    *,
+    split: str = "train",
+    root: str | Path | None = None,
+    download: bool = False,
+    lists: str | Path | None = None,
+    image_size: int = 256,
+    on_bad: str = "error",
+    check: bool = True,
+) -> LabeledImages:
     """ImageNet-LT (Liu et al. 2019): ``ImageNet_LT_{split}.txt`` lines ``path label`` over an ImageNet folder.
 
     File-backed (decoded on demand, shorter side resized to ``image_size`` by ``get_images``). Class names
@@ -612,8 +647,10 @@ def load_imagenet_lt(*, split: str = "train", root: str | Path | None = None, do
     list_file = Path(lists).expanduser() if lists is not None else root
     if list_file.is_dir():
         list_file = list_file / f"ImageNet_LT_{split}.txt"
-    how = ("ImageNet cannot be downloaded automatically: get it from image-net.org and the ImageNet-LT lists from "
-           "https://github.com/zhmiao/OpenLongTailRecognition-OLTR, then pass root= and lists=.")  # fmt: skip
+    how = (
+        "ImageNet cannot be downloaded automatically: get it from image-net.org and the ImageNet-LT lists from "
+        "https://github.com/zhmiao/OpenLongTailRecognition-OLTR, then pass root= and lists=."
+    )
     _need("imagenet_lt split list", [list_file], how)
     files, labels = [], []
     for ln, line in enumerate(list_file.read_text().splitlines(), 1):
@@ -631,10 +668,17 @@ def load_imagenet_lt(*, split: str = "train", root: str | Path | None = None, do
         classes[y] = classes[y] or PurePosixPath(f).parent.name
     missing = [f for f in files[:1000] if not (root / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"imagenet_lt: {len(missing)} listed images missing under {root}, e.g. "
-                                f"{root / missing[0]}. {how}")  # fmt: skip
-    ds = LabeledImages(labels=torch.as_tensor(labels), classes=classes, files=files, source=str(root),
-                       image_size=image_size, name="imagenet_lt")  # fmt: skip
+        raise FileNotFoundError(
+            f"imagenet_lt: {len(missing)} listed images missing under {root}, e.g. {root / missing[0]}. {how}"
+        )
+    ds = LabeledImages(
+        labels=torch.as_tensor(labels),
+        classes=classes,
+        files=files,
+        source=str(root),
+        image_size=image_size,
+        name="imagenet_lt",
+    )
     if check:
         ds = verify_files(ds, on_bad=on_bad)
     return ds
@@ -644,15 +688,19 @@ def verify_files(dataset: LabeledImages, *, on_bad: str = "error") -> LabeledIma
     """Decode every file of a file-backed set; stop with the bad list, or (``on_bad="skip"``) drop and warn."""
     if dataset.files is None:
         return dataset
-    _, bad = _decode_all(dataset._read_bytes, dataset.files, channels=dataset.channels, image_size=None,
-                         where=lambda m: _join_source(dataset.source, m))  # fmt: skip
+    _, bad = _decode_all(
+        dataset._read_bytes,
+        dataset.files,
+        channels=dataset.channels,
+        image_size=None,
+        where=lambda m: _join_source(dataset.source, m),
+    )
     if not bad:
         return dataset
     if on_bad == "error":
         raise _bad_files_error(bad, dataset.source or dataset.name)
     warnings.warn(f"skipped {len(bad)} bad image file(s) in {dataset.source}", stacklevel=2)
-    bad_set = {b.split(": ", 1)[0].removeprefix("cannot decode image ").removeprefix("cannot read image ")
-               for b in bad}  # fmt: skip
+    bad_set = {b.split(": ", 1)[0].removeprefix("cannot decode image ").removeprefix("cannot read image ") for b in bad}
     keep = [i for i in range(len(dataset)) if dataset.path(i) not in bad_set]
     out = dataset.subset(keep)
     out.skipped = list(bad)
@@ -663,8 +711,9 @@ def verify_files(dataset: LabeledImages, *, on_bad: str = "error") -> LabeledIma
 # the name table
 
 
-def _image_folder(*, split: str = "train", root: str | Path | None = None, download: bool = False,
-                  **kw: Any) -> LabeledImages:  # fmt: skip
+def _image_folder(
+    *, split: str = "train", root: str | Path | None = None, download: bool = False, **kw: Any
+) -> LabeledImages:
     if download:
         raise ValueError("image_folder cannot be downloaded; pass root= pointing at the folder or zip archive.")
     return load_image_folder(root, split=split, **kw)
@@ -681,8 +730,9 @@ DATASETS: dict[str, Callable[..., LabeledImages]] = {
 }
 
 
-def load_dataset(name: str, *, split: str = "train", root: str | Path | None = None, download: bool = False,
-                 **options: Any) -> LabeledImages:  # fmt: skip
+def load_dataset(
+    name: str, *, split: str = "train", root: str | Path | None = None, download: bool = False, **options: Any
+) -> LabeledImages:
     """Load dataset ``name`` (a key of ``DATASETS``); ``options`` go to its loader (e.g. ``on_bad="skip"``)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
@@ -693,8 +743,9 @@ def load_dataset(name: str, *, split: str = "train", root: str | Path | None = N
 # long-tailed and uniform subsets
 
 
-def longtail_counts(max_count: int, num_classes: int, *, profile: str = "exp", imbalance_ratio: float = 100.0,
-                    pareto_alpha: float = 6.0) -> list[int]:  # fmt: skip
+def longtail_counts(
+    max_count: int, num_classes: int, *, profile: str = "exp", imbalance_ratio: float = 100.0, pareto_alpha: float = 6.0
+) -> list[int]:
     """Images per class, largest first: ``n_0 = max_count`` down to ``n_{C-1} = max_count / imbalance_ratio``.
 
     exp (Cao et al. 2019, CIFAR-LT): ``n_c = floor(max_count * ratio^(-c / (C-1)))``.
@@ -726,9 +777,16 @@ def _per_class_indices(dataset: LabeledImages, gen: torch.Generator) -> list[Ten
     return out
 
 
-def longtail(dataset: LabeledImages, *, profile: str = "exp", imbalance_ratio: float = 100.0, seed: int = 0,
-             max_count: int | None = None, class_order: str = "index", pareto_alpha: float = 6.0
-             ) -> LabeledImages:  # fmt: skip
+def longtail(
+    dataset: LabeledImages,
+    *,
+    profile: str = "exp",
+    imbalance_ratio: float = 100.0,
+    seed: int = 0,
+    max_count: int | None = None,
+    class_order: str = "index",
+    pareto_alpha: float = 6.0,
+) -> LabeledImages:
     """A long-tailed subset: class ranked r keeps ``longtail_counts(...)[r]`` images drawn with ``seed``.
 
     ``max_count`` defaults to the smallest class size (so every class can supply its share).
@@ -750,8 +808,10 @@ def longtail(dataset: LabeledImages, *, profile: str = "exp", imbalance_ratio: f
     keep = []
     for rank, c in enumerate(order):
         if target[rank] > per_class[c].numel():
-            raise ValueError(f"class {dataset.classes[c]!r} has {per_class[c].numel()} images but the profile needs "
-                             f"{target[rank]}; lower max_count.")  # fmt: skip
+            raise ValueError(
+                f"class {dataset.classes[c]!r} has {per_class[c].numel()} images but the profile needs "
+                f"{target[rank]}; lower max_count."
+            )
         keep.append(per_class[c][: target[rank]])
     return dataset.subset(torch.cat(keep).sort().values)
 
@@ -767,14 +827,17 @@ def uniform_subset(dataset: LabeledImages, *, total: int, seed: int = 0) -> Labe
     for c in range(C):
         n = total // C + (c in extra)
         if n > per_class[c].numel():
-            raise ValueError(f"uniform_subset(total={total}) needs {n} images of class {dataset.classes[c]!r} but it "
-                             f"has {per_class[c].numel()}; lower total.")  # fmt: skip
+            raise ValueError(
+                f"uniform_subset(total={total}) needs {n} images of class {dataset.classes[c]!r} but it "
+                f"has {per_class[c].numel()}; lower total."
+            )
         keep.append(per_class[c][:n])
     return dataset.subset(torch.cat(keep).sort().values)
 
 
-def class_groups(dataset_or_counts: LabeledImages | Tensor, *, many_above: int = 100, few_below: int = 20
-                 ) -> dict[str, Tensor]:  # fmt: skip
+def class_groups(
+    dataset_or_counts: LabeledImages | Tensor, *, many_above: int = 100, few_below: int = 20
+) -> dict[str, Tensor]:
     """Class ids by training-set size: many (> 100 images), medium (20-100), few (< 20), as in Liu et al. 2019.
 
     dataset_or_counts: the training set, or its per-class counts ``(C,)``. Returns int64 class-id tensors.

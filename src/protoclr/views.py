@@ -78,8 +78,10 @@ def _validate(spec: ViewSpec) -> None:
         lo, hi = getattr(spec, name)
         if not (lo_min <= lo <= hi <= hi_max) or (lo_open and lo <= lo_min):
             bound = "(" if lo_open else "["
-            raise ValueError(f"ViewSpec.{name} must be (lo, hi) with {bound}{lo_min} <= lo <= hi <= {hi_max}], got "
-                             f"{getattr(spec, name)}.")  # fmt: skip
+            raise ValueError(
+                f"ViewSpec.{name} must be (lo, hi) with {bound}{lo_min} <= lo <= hi <= {hi_max}], got "
+                f"{getattr(spec, name)}."
+            )
 
     if not isinstance(spec.size, int) or spec.size < 1:
         raise ValueError(f"ViewSpec.size must be a positive int (pixels), got {spec.size!r}.")
@@ -102,19 +104,28 @@ def _validate(spec: ViewSpec) -> None:
         raise ValueError(f"ViewSpec.eval_crop_fraction must lie in (0, 1], got {spec.eval_crop_fraction}.")
 
 
-# fmt: off
 PRESETS: dict[str, ViewSpec] = {
     # Chen et al. 2020, appendix A: ImageNet, colour strength 1.0.
     "simclr": ViewSpec(),
     # SimCLR's CIFAR-10 recipe: 32 px, colour strength 0.5, no blur.
-    "simclr_cifar": ViewSpec(size=32, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, blur_p=0.0,
-                             mean=CIFAR10_MEAN, std=CIFAR10_STD),
+    "simclr_cifar": ViewSpec(
+        size=32, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, blur_p=0.0, mean=CIFAR10_MEAN, std=CIFAR10_STD
+    ),
     # 28x28 grayscale (Fashion-MNIST): gentler crops (tiny images lose the object below 20% area), no hue,
     # saturation or grayscale (one channel), no blur.
-    "simclr_small": ViewSpec(size=28, crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0,
-                             gray_p=0.0, blur_p=0.0, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD),
+    "simclr_small": ViewSpec(
+        size=28,
+        crop_scale=(0.2, 1.0),
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.0,
+        hue=0.0,
+        gray_p=0.0,
+        blur_p=0.0,
+        mean=FASHION_MNIST_MEAN,
+        std=FASHION_MNIST_STD,
+    ),
 }
-# fmt: on
 
 # The paper's augmentation ablations, each usable with any preset.
 MODIFIERS: dict[str, Callable[[ViewSpec], ViewSpec]] = {
@@ -264,8 +275,9 @@ class ViewParams:
     cutout_boxes: Tensor  # (x0, y0, w, h) in view pixels
 
 
-def sample_params(spec: ViewSpec, *, height: int, width: int, num_views: int, seed: int, epoch: int,
-                  indices: Tensor) -> ViewParams:  # fmt: skip
+def sample_params(
+    spec: ViewSpec, *, height: int, width: int, num_views: int, seed: int, epoch: int, indices: Tensor
+) -> ViewParams:
     """All random parameters of ``num_views`` views of the samples ``indices`` ``(B,)`` of size height x width."""
     u = uniforms(seed=seed, epoch=epoch, indices=indices, num_views=num_views)  # (V, B, S)
     s = float(spec.size)
@@ -383,8 +395,9 @@ def _affine_channels(x: Tensor, M: Tensor, t: Tensor) -> Tensor:
     return torch.baddbmm(t[:, :, None], M, x.reshape(N, C, H * W)).reshape(N, M.shape[1], H, W)
 
 
-_PERMS = torch.tensor([[a, b, c, d] for a in range(4) for b in range(4) for c in range(4) for d in range(4)
-                       if len({a, b, c, d}) == 4])  # fmt: skip  # (24, 4): ColorJitter applies ops in random order
+_PERMS = torch.tensor(
+    [[a, b, c, d] for a in range(4) for b in range(4) for c in range(4) for d in range(4) if len({a, b, c, d}) == 4]
+)  # (24, 4): ColorJitter applies ops in random order
 
 
 def _gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
@@ -414,8 +427,17 @@ def blur_kernel_size(spec: ViewSpec) -> int:
     return max(3, k + 1 - k % 2)  # odd, at least 3
 
 
-def make_views(images: Tensor, spec: ViewSpec, *, num_views: int, seed: int, epoch: int, indices: Tensor,
-               return_params: bool = False, chunk: int = 256) -> Tensor | tuple[Tensor, ViewParams]:  # fmt: skip
+def make_views(
+    images: Tensor,
+    spec: ViewSpec,
+    *,
+    num_views: int,
+    seed: int,
+    epoch: int,
+    indices: Tensor,
+    return_params: bool = False,
+    chunk: int = 256,
+) -> Tensor | tuple[Tensor, ViewParams]:
     """``num_views`` random views of each image, batched on ``images``' device.
 
     images: ``(B, C, H, W)`` uint8 (or float in [0, 1]); or pre-cropped views ``(V, B, C, s, s)`` from
@@ -428,8 +450,9 @@ def make_views(images: Tensor, spec: ViewSpec, *, num_views: int, seed: int, epo
         raise ValueError(f"images must be (B, C, H, W) or pre-cropped (V, B, C, s, s), got {tuple(images.shape)}.")
     B = images.shape[-4]
     if pre_cropped and (images.shape[0] != num_views or images.shape[-2:] != (spec.size, spec.size)):
-        raise ValueError(f"pre-cropped views must be (V={num_views}, B, C, {spec.size}, {spec.size}), "
-                         f"got {tuple(images.shape)}.")  # fmt: skip
+        raise ValueError(
+            f"pre-cropped views must be (V={num_views}, B, C, {spec.size}, {spec.size}), got {tuple(images.shape)}."
+        )
     indices = torch.as_tensor(indices, device=images.device).flatten()
     if indices.numel() != B:
         raise ValueError(f"indices must hold one dataset index per image ({B}), got {indices.numel()}.")
@@ -464,8 +487,11 @@ def _views_chunk(x: Tensor, p: dict[str, Tensor], spec: ViewSpec, pre_cropped: b
     s, C = spec.size, spec.channels
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     x = match_channels(x, C)
-    boxes = torch.tensor([0.0, 0.0, float(s), float(s)], device=x.device).expand(x.shape[0], 4) if pre_cropped \
-        else p["boxes"]  # fmt: skip
+    boxes = (
+        torch.tensor([0.0, 0.0, float(s), float(s)], device=x.device).expand(x.shape[0], 4)
+        if pre_cropped
+        else p["boxes"]
+    )
     x = _affine_crop(x, boxes, p["flip"], p["angle"], s)  # (N, C, s, s)
     if spec.jitter_p > 0:
         luma = _LUMA.to(x.device) if C == 3 else torch.ones(1, device=x.device)
@@ -563,8 +589,16 @@ class CropViews(torch.utils.data.Dataset):
 # CLI: a grid of originals and their views
 
 
-def view_grid(images: Tensor, spec: ViewSpec, *, num_views: int, seed: int = 0, epoch: int = 0,
-              indices: Tensor | None = None, cell: int = 96) -> Tensor:  # fmt: skip
+def view_grid(
+    images: Tensor,
+    spec: ViewSpec,
+    *,
+    num_views: int,
+    seed: int = 0,
+    epoch: int = 0,
+    indices: Tensor | None = None,
+    cell: int = 96,
+) -> Tensor:
     """``(3, rows*cell, cols*cell)`` float image: each row is one original (eval crop) then its views."""
     import torchvision.utils as vutils
 
@@ -600,8 +634,13 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--skip-bad", action="store_true", help="leave out undecodable images and report the count")
     ap.add_argument("--preset", default="simclr_cifar", help=f"one of {', '.join(PRESETS)}")
     ap.add_argument("--modifier", action="append", default=[], help=f"repeatable: {', '.join(MODIFIERS)}")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a ViewSpec field, e.g. --set crop_scale=[0.2,1.0]")  # fmt: skip
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a ViewSpec field, e.g. --set crop_scale=[0.2,1.0]",
+    )
     ap.add_argument("--num-images", type=int, default=8)
     ap.add_argument("--num-views", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
@@ -617,8 +656,13 @@ def cli_main(argv: list[str]) -> int:
             k, v = kv.split("=", 1)
             overrides[k.strip()] = _parse_value(v)
         spec = view_spec(args.preset, args.modifier, **overrides)
-        ds = data.load_dataset(args.dataset, split=args.split, root=args.root, download=args.download,
-                               **({"on_bad": "skip"} if args.skip_bad else {}))  # fmt: skip
+        ds = data.load_dataset(
+            args.dataset,
+            split=args.split,
+            root=args.root,
+            download=args.download,
+            **({"on_bad": "skip"} if args.skip_bad else {}),
+        )
         if ds.skipped:
             print(f"skipped {len(ds.skipped)} bad image file(s)", file=sys.stderr)
         gen = torch.Generator().manual_seed(args.seed)
@@ -628,8 +672,9 @@ def cli_main(argv: list[str]) -> int:
         else:
             cv = CropViews(ds, spec, num_views=args.num_views, seed=args.seed, epoch=args.epoch)
             images = torch.stack([cv[i][1] for i in idx.tolist()], 1)  # (V, B, C, s, s)
-        grid = view_grid(images, spec, num_views=args.num_views, seed=args.seed, epoch=args.epoch, indices=idx,
-                         cell=args.cell)  # fmt: skip
+        grid = view_grid(
+            images, spec, num_views=args.num_views, seed=args.seed, epoch=args.epoch, indices=idx, cell=args.cell
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"protoclr views: {e}", file=sys.stderr)
         return 2
