@@ -35,9 +35,10 @@ class DataConfig:
     train_split: str = "train"  # split trained on (labels unused except by the online probe)
     test_split: str = "test"  # held-out labeled split for the online monitors
     train_subset: int = 0  # use the first N of a seeded permutation of the train split; 0 = all
-    views: str = "fashion_mnist"  # protoclr.views preset
+    views: str = "simclr_small"  # protoclr.views preset (simclr | simclr_cifar | simclr_small)
     view_modifiers: list[str] = field(default_factory=list)  # protoclr.views modifiers applied to the preset
     num_views: int = 2  # V views per image
+    num_workers: int = 0  # DataLoader processes decoding batches ahead (file-backed datasets); 0 = in the loop
 
 
 @dataclass
@@ -142,6 +143,7 @@ class Config:
         checks: list[tuple[str, bool, str]] = [
             ("data.num_views", d.num_views >= 2, "must be >= 2"),
             ("data.train_subset", d.train_subset >= 0, "must be >= 0"),
+            ("data.num_workers", d.num_workers >= 0, "must be >= 0"),
             ("model.norm", m.norm in ("batch", "group", "none"), "must be one of batch, group, none"),
             ("model.projector_layers", m.projector_layers >= 0, "must be >= 0"),
             ("model.projector_hidden_dim", m.projector_hidden_dim >= 1, "must be >= 1"),

@@ -1,0 +1,234 @@
+"""The pretraining loop: smoke run, exact resume, atomic checkpoints, divergence guard, CLI, 2-process DDP.
+
+Everything runs on a tiny Fashion-MNIST subset with the CPU default model, a few steps each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from protoclr import checkpoint as ckpt
+from protoclr.config import LossConfig, load_config
+from protoclr.losses import LOSSES
+from protoclr.models import build_encoder
+from protoclr.results import ResultsDB
+from protoclr.train import LARS, TrainingDiverged, build_loss, cli_main, load_run, lr_schedule, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+# 256 images, batch 64 -> 4 steps per epoch; monitors on 256 bank images and 200 test images.
+TINY = ["data.train_subset=256", "train.batch_size=64", "train.epochs=2", "model.projector_hidden_dim=64",
+        "model.projector_dim=32", "monitor.knn_train_samples=256", "monitor.test_samples=200", "monitor.knn_k=20",
+        "trainer.progress=false", "train.log_every=1", "optim.warmup_epochs=0.5"]
+
+
+def tiny(out_dir: Path, *overrides: str):
+    return load_config(None, [*TINY, f"train.out_dir={out_dir}", *overrides])
+
+
+def weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    s = ckpt.load(run_dir / "checkpoint.pt")
+    return {"model": s["model"], "probe": s["probe"]}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, fashion_mnist_dir):
+    out = tmp_path_factory.mktemp("runs")
+    return pretrain(tiny(out, "train.run_name=full", "train.checkpoint_every=3"))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = lr_schedule(peak=1.0, total_steps=10, warmup_steps=2, final=0.1)
+    assert lrs.shape == (10,)
+    torch.testing.assert_close(lrs[:3], torch.tensor([0.5, 1.0, 1.0], dtype=torch.float64))
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert bool((lrs[2:].diff() <= 0).all())  # monotone decay after warmup
+    assert load_config(None, ["optim.base_lr=0.3", "train.batch_size=512"]).lr() == pytest.approx(0.6)
+
+
+def test_lars_matches_hand_computation():
+    torch.manual_seed(0)
+    w, b = torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    w.grad, b.grad = torch.randn(4, 3), torch.randn(4)
+    w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
+    opt = LARS([{"params": [w], "weight_decay": 0.1, "lars_exclude": False},
+                {"params": [b], "weight_decay": 0.0, "lars_exclude": True}], lr=0.5, momentum=0.9, eta=0.01)
+    opt.step()
+    d = gw + 0.1 * w0
+    torch.testing.assert_close(w.detach(), w0 - 0.5 * (0.01 * w0.norm() / d.norm()) * d)
+    torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # excluded: plain SGD, no decay
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_in_the_table_builds_and_backpropagates(name):
+    loss_fn = build_loss(LossConfig(name=name))
+    z = torch.randn(2, 8, 5, requires_grad=True)  # (V, B, D)
+    if name == "supervised_prototype":
+        loss = loss_fn(z.flatten(0, 1), torch.arange(8).remainder(4).repeat(2), torch.randn(4, 5))
+    else:
+        loss = loss_fn(*z.unbind(0))
+    loss.backward()
+    assert torch.isfinite(loss) and z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_smoke_two_epochs(full_run):
+    run = full_run
+    for name in ("config.yaml", "meta.json", "checkpoint.pt", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "csv").glob("version_*/metrics.csv"))
+    cfg = load_config(run / "config.yaml")
+    assert cfg.train.batch_size == 64 and cfg.data.train_subset == 256
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["version"] and "git_commit" in meta
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [0, 1] and [e["step"] for e in epochs] == [4, 8]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert len(steps) == 8 and all(math.isfinite(r["loss"]) for r in steps)
+    # monitors: a chance-level encoder scores ~0.1 on 10 classes; these are fractions in [0, 1]
+    assert all(0.0 <= e["knn_top1"] <= 1.0 and 0.0 <= e["probe_top1"] <= 1.0 for e in epochs)
+    assert epochs[-1]["knn_top1"] > 0.2
+    db = ResultsDB(run.parent / "runs.db")
+    row = db.get_run(run.name)
+    assert row["status"] == "finished" and row["final_metrics"]["knn_top1"] == epochs[-1]["knn_top1"]
+    assert [e["epoch"] for e in db.epochs(run.name)] == [0, 1]
+    encoder, cfg2 = load_run(run)
+    assert cfg2 == cfg and not encoder.training
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, ckpt.load(run / "checkpoint.pt")["model"][k])
+    # the checkpoint file works as well as the folder
+    assert load_run(run / "checkpoint.pt")[1] == cfg
+
+
+def test_resume_is_bit_identical(full_run, tmp_path):
+    out = full_run.parent
+    part = pretrain(tiny(out, "train.run_name=part", "train.checkpoint_every=3", "train.max_steps=3"))
+    state = ckpt.load(part / "checkpoint.pt")
+    assert (state["epoch"], state["step_in_epoch"], state["step"]) == (0, 3, 3)  # stopped inside epoch 0
+    assert ResultsDB(out / "runs.db").get_run("part")["status"] == "interrupted"
+    pretrain(tiny(out, "train.run_name=part", "train.checkpoint_every=3"))  # same name: resumes
+    a, b = weights(full_run), weights(part)
+    for group in a:
+        for k in a[group]:
+            assert torch.equal(a[group][k], b[group][k]), f"{group}.{k} differs after resume"
+    ea = [e for e in ResultsDB(out / "runs.db").epochs("full")]
+    eb = [e for e in ResultsDB(out / "runs.db").epochs("part")]
+    assert ea == eb  # identical per-epoch metrics, including the epoch that was interrupted
+    # a run cannot be resumed under a different recipe
+    with pytest.raises(ValueError, match=r"optim\.base_lr"):
+        pretrain(tiny(out, "train.run_name=part", "optim.base_lr=1.0"))
+
+
+_KILLED_WRITER = """
+import sys, torch
+from protoclr.checkpoint import atomic_save
+path, i = sys.argv[1], 0
+big = torch.arange(8_000_000, dtype=torch.float32)  # 32 MB per write, so the kill lands mid-write
+while True:
+    i += 1
+    atomic_save({"i": i, "w": big + i}, path)
+    print(i, flush=True)
+"""
+
+
+def test_killed_checkpoint_write_leaves_previous_loadable(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    ckpt.atomic_save({"i": 0, "w": torch.zeros(3)}, path)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.readline()  # at least one complete write happened; the next one is in flight
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = ckpt.load(path)  # a whole file: the last completed write
+    assert state["i"] >= 1 and torch.equal(state["w"], torch.arange(8_000_000, dtype=torch.float32) + state["i"])
+    # and a write that fails part-way (a crash inside torch.save) leaves the old file and no new temp file
+    ckpt.atomic_save({"i": 41}, path)
+    temps = set(tmp_path.glob(".checkpoint.pt.*.tmp"))  # the SIGKILLed writer may have left one
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("crash during write")
+
+    with pytest.raises(RuntimeError, match="crash during write"):
+        ckpt.atomic_save({"i": 42, "bad": Unpicklable()}, path)
+    assert ckpt.load(path)["i"] == 41
+    assert set(tmp_path.glob(".checkpoint.pt.*.tmp")) == temps
+
+
+def test_divergence_guard_stops_and_keeps_last_good_checkpoint(tmp_path, fashion_mnist_dir):
+    cfg = tiny(tmp_path, "train.run_name=dot", "loss.similarity=dot", "optim.base_lr=200", "optim.warmup_epochs=0",
+               "train.checkpoint_every=1", "monitor.every=0")
+    with pytest.raises(TrainingDiverged, match=r"at step \d+.*similarity=dot") as info:
+        pretrain(cfg)
+    run = info.value.run_dir
+    row = ResultsDB(tmp_path / "runs.db").get_run("dot")
+    assert row["status"] == "diverged" and "similarity=dot" in row["message"]
+    state = ckpt.load(run / "checkpoint.pt")
+    bad_step = int(row["final_metrics"]["step"])
+    assert state["step"] == bad_step  # the checkpoint before the failing step
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # skip instead: the same bad steps are skipped (no update), counted, and the run goes on
+    cfg = tiny(tmp_path, "train.run_name=skip", "loss.similarity=dot", "optim.base_lr=200",
+               "optim.warmup_epochs=0", "monitor.every=0", "train.on_nonfinite=skip", "train.max_skips=100")
+    run = pretrain(cfg)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in records if r["kind"] == "skip"]
+    assert bad_step in skipped and "diverged" not in {r["kind"] for r in records}
+    row = ResultsDB(tmp_path / "runs.db").get_run("skip")
+    assert row["status"] == "finished" and row["final_metrics"]["skips"] == len(skipped)
+    state = ckpt.load(run / "checkpoint.pt")
+    assert state["step"] == 8 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_cli_config_errors_dry_run_and_print_config(tmp_path, capsys, fashion_mnist_dir):
+    assert cli_main(["train.batch_size=1"]) == 2
+    assert "train.batch_size" in capsys.readouterr().err
+    assert cli_main(["optim.nope=1"]) == 2
+    assert "optim.nope" in capsys.readouterr().err
+    assert cli_main(["--print-config", "optim.base_lr=0.6"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["optim"]["base_lr"] == 0.6
+    assert cli_main(["--dry-run", f"train.out_dir={tmp_path}", "trainer.progress=false"]) == 0
+    assert "dry run ok" in capsys.readouterr().out
+    assert not (tmp_path / "runs.db").exists()  # a dry run records nothing
+
+
+def test_shipped_configs_build_their_model():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        enc = build_encoder(cfg.model, in_channels=3)
+        assert enc.out_dim == cfg.model.projector_dim
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_match_one(tmp_path, fashion_mnist_dir):
+    """torchrun with 2 CPU processes (local batch 32) reproduces one process with batch 64.
+
+    Group norm (batch-independent) stands in for BatchNorm, whose statistics are per process on CPU
+    (SyncBatchNorm needs a GPU); views and data order are per-sample deterministic, negatives are gathered.
+    """
+    common = [*TINY, "model.norm=group", "train.max_steps=3", "monitor.every=0", f"train.out_dir={tmp_path}",
+              "trainer.accelerator=cpu", "trainer.loggers=[]"]
+    assert cli_main([*common, "train.run_name=one"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "protoclr.cli", "pretrain", *common, "train.run_name=two", "trainer.devices=2",
+           "trainer.strategy=ddp"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert ckpt.load(tmp_path / "two" / "checkpoint.pt")["step"] == 3
+    for group in a:
+        for k in a[group]:
+            torch.testing.assert_close(a[group][k], b[group][k], rtol=1e-4, atol=1e-5, msg=f"{group}.{k}")
