@@ -229,6 +229,7 @@ def test_two_gloo_processes_match_one(tmp_path, fashion_mnist_dir):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert ckpt.load(tmp_path / "two" / "checkpoint.pt")["step"] == 3
+    assert json.loads((tmp_path / "two" / "meta.json").read_text())["world_size"] == 2
     for group in a:
         for k in a[group]:
             torch.testing.assert_close(a[group][k], b[group][k], rtol=1e-4, atol=1e-5, msg=f"{group}.{k}")
