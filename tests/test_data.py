@@ -408,7 +408,9 @@ def test_mixed_sizes_need_image_size(tmp_path):
     (tmp_path / "a" / "0.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
     (tmp_path / "a" / "1.png").write_bytes(_png(np.zeros((8, 12, 3), np.uint8)))
     with pytest.raises(ValueError, match="image_size"):
-        load_dataset("image_folder", root=tmp_path, use_cache=False)
+        load_dataset("image_folder", root=tmp_path, in_memory=True, use_cache=False)
+    auto = load_dataset("image_folder", root=tmp_path, use_cache=False)  # decodes on demand instead
+    assert not auto.in_memory and auto.get_images([0, 1]).shape == (2, 3, 256, 256)
     ds = load_dataset("image_folder", root=tmp_path, image_size=6, use_cache=False)
     assert ds.images.shape == (2, 3, 6, 6)
 

@@ -426,6 +426,7 @@ def load_image_folder(
             channels=channels,
             name=name,
         )
+        auto = in_memory is None
         if in_memory is None:
             try:
                 c, h, w = probe.load_image(0).shape
@@ -444,11 +445,14 @@ def load_image_folder(
         if in_memory:
             good = [d for d in decoded if d is not None]
             sizes = {tuple(d.shape) for d in good}
-            if len(sizes) > 1:
+            if len(sizes) > 1 and auto:  # differing sizes (ImageNet-like): decode on demand instead
+                in_memory, good = False, []
+            elif len(sizes) > 1:
                 raise ValueError(
                     f"images in {source} differ in size ({len(sizes)} shapes, e.g. {sorted(sizes)[:3]}); pass "
                     "image_size=S to resize the shorter side and center-crop, or in_memory=False to decode on demand."
                 )
+        if in_memory:
             images = torch.stack(good) if good else torch.empty(0, channels, 1, 1, dtype=torch.uint8)
         del decoded
         if cache is not None:

@@ -332,11 +332,12 @@ def match_channels(x: Tensor, channels: int) -> Tensor:
 def _affine_crop(x: Tensor, boxes: Tensor, flip: Tensor, angle: Tensor, size: int) -> Tensor:
     """Crop ``boxes`` (N, 4), flip, rotate and resize to ``size`` in one bilinear ``grid_sample``.
 
-    Output = Rotate(Flip(Crop(x))): output point p samples the crop at F R(-angle) p (normalised coords).
+    Output = Rotate(Flip(Crop(x))): output point p samples the crop at F R(-angle) p (normalised coords, y
+    down), so a positive angle turns the content counter-clockwise on screen, as torchvision's ``rotate``.
     """
     N, _, H, W = x.shape
     x0, y0, w, h = boxes.unbind(-1)
-    a = torch.deg2rad(angle)
+    a = -torch.deg2rad(angle)  # image y axis points down
     cos, sin = torch.cos(a), torch.sin(a)
     f = torch.where(flip, -1.0, 1.0)
     sx, sy = w / W, h / H
