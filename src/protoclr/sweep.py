@@ -332,7 +332,8 @@ class _Tx:
 
 
 def register(db_path: Path, sweep: Sweep, runs: list[RunSpec], *, command: str) -> None:
-    """Insert the sweep's runs as ``pending`` (existing rows keep their state, attempts and claim)."""
+    """Insert the sweep's runs as ``pending``; a run already there keeps its row (state, claim, and the
+    command that first registered it)."""
     now = time.time()
     with _Tx(db_path) as con:
         for r in runs:
@@ -340,8 +341,7 @@ def register(db_path: Path, sweep: Sweep, runs: list[RunSpec], *, command: str) 
                     "base": str(sweep.base) if sweep.base else None, "source": sweep.source, "command": command}
             con.execute(
                 "INSERT INTO sweep_runs (run_id, sweep, study, point, seed, spec, state, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT(run_id) DO UPDATE SET"
-                " sweep=excluded.sweep, study=excluded.study, spec=excluded.spec, updated=excluded.updated",
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT(run_id) DO NOTHING",
                 (r.run_id, sweep.name, sweep.study, json.dumps(r.point), r.seed, json.dumps(spec), now),
             )
 
@@ -492,8 +492,6 @@ def _final_probes(encoder, train, test, spec, cfg: Config, opts: EvalOptions) ->
 def execute_run(db_path: Path, rid: str) -> str:
     """Pretrain run ``rid`` of ``sweep_runs`` epoch by epoch (resuming its checkpoint), diagnose each epoch,
     probe the result; returns the state recorded (``done`` or ``failed``). The caller holds the claim."""
-    import torch
-
     from protoclr import checkpoint as ckpt
     from protoclr.data import uniform_subset
     from protoclr.results import ResultsDB
@@ -521,20 +519,27 @@ def execute_run(db_path: Path, rid: str) -> str:
                        | {cap}) if every else [cap]
         ckpt_file = run_dir / "checkpoint.pt"
         done_steps = int(ckpt.load(ckpt_file)["step"]) if ckpt_file.is_file() else 0
+
+        def diagnose_last_epoch() -> None:
+            epochs = db.epochs(rid)
+            if epochs:
+                encoder, _ = load_run(run_dir)
+                db.log_epoch(rid, epochs[-1]["epoch"],
+                             {**epochs[-1], **_diagnostics(encoder, probe_set, view_spec_, cfg, opts)})
+
+        # A worker killed between an epoch's end and its diagnostics left the checkpoint at that epoch's end.
+        epochs = db.epochs(rid) if done_steps else []
+        if epochs and "diag_attraction_gap" not in epochs[-1] and epochs[-1].get("step") == done_steps:
+            diagnose_last_epoch()
         diverged = None
-        for stop in [s for s in stops if s > done_steps] or stops[-1:]:
+        for stop in [s for s in stops if s > done_steps]:
             chunk = config_from_dict(cfg.to_dict())
             chunk.train.max_steps = 0 if stop == cap and not cfg.train.max_steps else stop
             try:
                 pretrain(chunk)
             except TrainingDiverged as e:
                 diverged = str(e)
-            encoder, _ = load_run(run_dir)
-            epochs = db.epochs(rid)
-            if epochs:
-                last = epochs[-1]
-                diag = _diagnostics(encoder, probe_set, view_spec_, cfg, opts)
-                db.log_epoch(rid, last["epoch"], {**last, **diag})
+            diagnose_last_epoch()
             if diverged:
                 break
         encoder, _ = load_run(run_dir)  # the last good checkpoint when diverged
@@ -819,7 +824,7 @@ def cli_main(argv: list[str]) -> int:
             print(f"  dry run ok ({time.perf_counter() - t0:.0f} s): {r.run_id}")
         return 0
     db_path = init_db(out / "runs.db")
-    command = " ".join(["protoclr", "sweep", *argv])
+    command = " ".join(["protoclr", "sweep", *(a for a in argv if a not in ("--plan", "--retry-failed"))])
     register(db_path, sweep, runs, command=command)
     ids = [r.run_id for r in runs]
     if args.plan:

@@ -1,0 +1,616 @@
+"""A report of a results database next to the paper's numbers: ``report.md`` with PNG plots and a
+self-contained ``report.html`` (the same plots embedded as base64).
+
+    protoclr report runs/sweeps/cpu/runs.db --out docs/results/cpu
+
+Runs are grouped by (sweep, grid point); every number is mean ± std over the seeds of a point with the
+number of runs ``n`` (std is the sample standard deviation, "-" for one run). Accuracy is the cached linear
+probe's top-1 on backbone features (``eval_linear_top1``, written by ``protoclr sweep``), bias the angle in
+degrees between an image's surrogate prototype and its class prototype (``diag_bias_angle_deg``, normalised
+backbone features, held-out probe set). Sections with no runs say so; nothing is filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACC = "eval_linear_top1"
+BIAS = "diag_bias_angle_deg"
+RESULT_STATUSES = ("finished", "diverged")
+
+# The paper's results: top-1 linear accuracy (%), ResNet-50 on ImageNet for 100 epochs at batch 512 unless
+# the dataset says otherwise. ``select`` picks this setting's runs from a run's config; ``best`` rows take the
+# grid point with the highest mean accuracy among the selected runs.
+PAPER: list[dict[str, Any]] = [
+    dict(study="augmentation", setting="SimCLR augmentations (baseline)", dataset="ImageNet", acc=65.98, bias=36.72,
+         select=lambda c: c["data"]["view_modifiers"] == []),
+    dict(study="augmentation", setting="no Gaussian blur", dataset="ImageNet", acc=64.57, bias=37.43,
+         select=lambda c: c["data"]["view_modifiers"] == ["no_blur"]),
+    dict(study="augmentation", setting="add random rotation", dataset="ImageNet", acc=63.30, bias=38.11,
+         select=lambda c: c["data"]["view_modifiers"] == ["add_rotation"]),
+    dict(study="augmentation", setting="no color distortion", dataset="ImageNet", acc=62.56, bias=None,
+         select=lambda c: c["data"]["view_modifiers"] == ["no_color"]),
+    dict(study="augmentation", setting="add random cutout", dataset="ImageNet", acc=65.76, bias=None,
+         select=lambda c: c["data"]["view_modifiers"] == ["add_cutout"]),
+    dict(study="similarity", setting="cosine + normalization", dataset="ImageNet", acc=65.98,
+         select=lambda c: c["loss"]["similarity"] == "cosine"),
+    dict(study="similarity", setting="dot product, no normalization", dataset="ImageNet", acc=0.43,
+         select=lambda c: c["loss"]["similarity"] == "dot"),
+    dict(study="similarity", setting="negative Euclidean distance, no normalization", dataset="ImageNet", acc=10.63,
+         select=lambda c: c["loss"]["similarity"] == "neg_euclidean"),
+    dict(study="class_balance", setting="uniform class distribution", dataset="ImageNet-LT budget", acc=20.82,
+         select=lambda c: c["data"].get("class_profile") == "uniform"),
+    dict(study="class_balance", setting="long-tailed (Pareto profile)", dataset="ImageNet-LT", acc=13.65,
+         select=lambda c: c["data"].get("class_profile") == "longtail"),
+    dict(study="loss_balance", setting="balanced loss, best (paper: alpha=4, lam=2)", dataset="ImageNet", acc=67.40,
+         best=True, select=lambda c: c["loss"]["name"] == "balanced"),
+    dict(study="loss_balance", setting="generalized NT-Xent, best (paper: alpha=2, lam=2)", dataset="ImageNet",
+         acc=66.85, best=True, select=lambda c: c["loss"]["name"] == "generalized_nt_xent"),
+    dict(study="loss_balance", setting="standard NT-Xent (alpha=2, lam=1)", dataset="ImageNet", acc=65.98,
+         select=lambda c: c["loss"]["name"] == "nt_xent" or (c["loss"]["name"] == "generalized_nt_xent"
+                                                             and c["loss"]["alpha"] == 2 and c["loss"]["lam"] == 1)),
+    dict(study="loss_balance", setting="balanced loss, best (paper: alpha=1, lam=4)", dataset="CIFAR-10", acc=86.08,
+         best=True, select=lambda c: c["loss"]["name"] == "balanced"),
+    dict(study="loss_balance", setting="generalized NT-Xent, best (paper: alpha=2, lam=2)", dataset="CIFAR-10",
+         acc=85.85, best=True, select=lambda c: c["loss"]["name"] == "generalized_nt_xent"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading and statistics
+
+
+@dataclass
+class Group:
+    """The runs of one grid point of one sweep (its seeds)."""
+
+    sweep: str
+    study: str
+    point: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)  # runs-table rows (config, final_metrics, status)
+    epochs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # run_id -> epoch rows
+    source: str = ""
+    command: str = ""
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt_value(v)}" for k, v in self.point.items()) or "base"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.runs[0]["config"]
+
+    def values(self, key: str) -> list[float]:
+        """``key`` of the final metrics over this point's finished or diverged runs (finite values only)."""
+        out = []
+        for r in self.runs:
+            v = (r["final_metrics"] or {}).get(key)
+            if r["status"] in RESULT_STATUSES and isinstance(v, (int, float)) and math.isfinite(v):
+                out.append(float(v))
+        return out
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, list):
+        return "+".join(map(str, v)) or "none"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def load_groups(db_path: str | Path) -> tuple[list[Group], dict[str, int]]:
+    """Groups of runs from ``runs.db`` and the count of runs per status. Runs outside any sweep form one
+    group each (point = {})."""
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise FileNotFoundError(f"{db_path} does not exist; pass the runs.db a sweep or pretraining wrote")
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    con.row_factory = sqlite3.Row
+    try:
+        runs = [dict(r) for r in con.execute("SELECT * FROM runs ORDER BY created")]
+        has_sweeps = con.execute("SELECT 1 FROM sqlite_master WHERE name='sweep_runs'").fetchone() is not None
+        meta = {r["run_id"]: dict(r) for r in con.execute("SELECT * FROM sweep_runs")} if has_sweeps else {}
+        epochs: dict[str, list[dict[str, Any]]] = {}
+        for r in con.execute("SELECT run_id, epoch, metrics FROM epochs ORDER BY run_id, epoch"):
+            epochs.setdefault(r["run_id"], []).append({**json.loads(r["metrics"]), "epoch": r["epoch"]})
+    finally:
+        con.close()
+    groups: dict[tuple[str, str], Group] = {}
+    counts: dict[str, int] = {}
+    for r in runs:
+        r["config"] = json.loads(r["config"])
+        r["final_metrics"] = json.loads(r["final_metrics"]) if r["final_metrics"] else {}
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        m = meta.get(r["run_id"])
+        if m is None:
+            key = (r["run_id"], "{}")
+            g = groups.setdefault(key, Group(sweep=r["run_id"], study="", point={},
+                                             source=f"{r['run_dir']}/config.yaml"))
+        else:
+            spec = json.loads(m["spec"])
+            key = (m["sweep"], m["point"])
+            g = groups.setdefault(key, Group(sweep=m["sweep"], study=m["study"], point=json.loads(m["point"]),
+                                             source=spec.get("source") or str(spec.get("base")),
+                                             command=spec.get("command", "")))
+        g.runs.append(r)
+        g.epochs[r["run_id"]] = epochs.get(r["run_id"], [])
+    return list(groups.values()), counts
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (nan for one value) and count."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    m = sum(values) / n
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return m, s, n
+
+
+def fmt(values: list[float], *, scale: float = 1.0, digits: int = 2) -> str:
+    """``"mean ± std (n=k)"``; "no runs" for none."""
+    m, s, n = mean_std([scale * v for v in values])
+    if n == 0:
+        return "no runs"
+    return f"{m:.{digits}f} ± {s:.{digits}f} (n={n})" if n > 1 else f"{m:.{digits}f} ± - (n=1)"
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); nan below 3 points or for a constant input."""
+    if len(x) != len(y):
+        raise ValueError(f"x and y differ in length ({len(x)} vs {len(y)})")
+    if len(x) < 3:
+        return math.nan
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+# ----------------------------------------------------------------------------------------------------------
+# document blocks, rendered to markdown and HTML
+
+
+@dataclass
+class Doc:
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+    images: dict[str, bytes] = field(default_factory=dict)
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", (level, text)))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.blocks.append(("table", (header, rows)))
+
+    def image(self, name: str, png: bytes, alt: str) -> None:
+        self.images[name] = png
+        self.blocks.append(("img", (name, alt)))
+
+    def markdown(self) -> str:
+        out = []
+        for kind, b in self.blocks:
+            if kind == "h":
+                out.append("#" * b[0] + " " + b[1])
+            elif kind == "p":
+                out.append(b)
+            elif kind == "table":
+                header, rows = b
+                cell = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+                out.append("\n".join(["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+                                     + ["| " + " | ".join(map(cell, r)) + " |" for r in rows]))
+            elif kind == "img":
+                out.append(f"![{b[1]}]({b[0]})")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+               "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+               "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;"
+               "padding:4px 8px;text-align:left}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;"
+               "padding:1px 3px}</style></head><body>"]
+        for kind, b in self.blocks:
+            if kind == "h":
+                out.append(f"<h{b[0]}>{html.escape(b[1])}</h{b[0]}>")
+            elif kind == "p":
+                out.append(f"<p>{_inline_code(html.escape(b))}</p>")
+            elif kind == "table":
+                header, rows = b
+                out.append("<table><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in header) + "</tr>"
+                           + "".join("<tr>" + "".join(f"<td>{_inline_code(html.escape(str(c)))}</td>" for c in r)
+                                     + "</tr>" for r in rows) + "</table>")
+            elif kind == "img":
+                data = base64.b64encode(self.images[b[0]]).decode()
+                out.append(f"<p><img alt='{html.escape(b[1])}' src='data:image/png;base64,{data}'></p>")
+        return "\n".join(out) + "</body></html>\n"
+
+
+def _inline_code(text: str) -> str:
+    parts = text.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plots
+
+
+def _png(fig) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def heatmap(groups: list[Group], title: str) -> bytes:
+    """Mean accuracy over (alpha, lam), each cell annotated mean ± std (n)."""
+    plt = _plt()
+    alphas = sorted({g.config["loss"]["alpha"] for g in groups})
+    lams = sorted({g.config["loss"]["lam"] for g in groups})
+    grid = [[math.nan] * len(alphas) for _ in lams]
+    text = [[""] * len(alphas) for _ in lams]
+    for g in groups:
+        i, j = lams.index(g.config["loss"]["lam"]), alphas.index(g.config["loss"]["alpha"])
+        m, s, n = mean_std([100 * v for v in g.values(ACC)])
+        grid[i][j] = m
+        text[i][j] = "no runs" if n == 0 else f"{m:.1f}\n± {s:.1f}\nn={n}" if n > 1 else f"{m:.1f}\nn=1"
+    fig, ax = plt.subplots(figsize=(1.3 * len(alphas) + 2, 1.1 * len(lams) + 1.5))
+    im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+    finite = [v for row in grid for v in row if math.isfinite(v)]
+    mid = (min(finite) + max(finite)) / 2 if finite else 0
+    for i in range(len(lams)):
+        for j in range(len(alphas)):
+            dark = math.isfinite(grid[i][j]) and grid[i][j] < mid
+            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_yticks(range(len(lams)), [f"{v:g}" for v in lams])
+    ax.set_xlabel("alpha (inverse temperature)")
+    ax.set_ylabel("lam (uniformity weight)")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="linear top-1 (%)")
+    return _png(fig)
+
+
+def bar_chart(groups: list[Group], title: str) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(groups) + 1), 3.5))
+    for i, g in enumerate(groups):
+        vals = [100 * v for v in g.values(ACC)]
+        m, s, n = mean_std(vals)
+        if n:
+            ax.bar(i, m, yerr=s if n > 1 else 0, capsize=4, color="C0", alpha=0.8)
+            ax.scatter([i] * n, vals, color="k", s=10, zorder=3)
+        diverged = sum(r["status"] == "diverged" for r in g.runs)
+        note = f"n={n}" + (f"\n{diverged} diverged" if diverged else "")
+        ax.text(i, (m if n else 0) + 1, note, ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(groups)), [g.label for g in groups], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("linear top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def bias_scatter(groups: list[Group], title: str) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, g in enumerate(groups):
+        (bm, bs, bn), (am, as_, an) = mean_std(g.values(BIAS)), mean_std([100 * v for v in g.values(ACC)])
+        if bn and an:
+            ax.errorbar(bm, am, xerr=bs if bn > 1 else None, yerr=as_ if an > 1 else None, fmt="o", capsize=3,
+                        color=f"C{i % 10}", label=g.label)
+    ax.set_xlabel("prototype bias (angle, degrees)")
+    ax.set_ylabel("linear top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+BOUND_PANELS = (
+    ("attraction", (("diag_attraction_sup", "supervised -s(z, mu_y)"),
+                    ("diag_attraction_surrogate", "surrogate -s(z, mu~_x)"),
+                    ("diag_attraction_ssl", "self-supervised -E s(z, z')"))),
+    ("attraction gap", (("diag_attraction_gap", "ssl - surrogate"),)),
+    ("repulsion", (("diag_repulsion_sup", "supervised max s(z, mu_y')"), ("diag_repulsion_ssl", "self-supervised"))),
+    ("repulsion gap", (("diag_repulsion_gap", "ssl - supervised"),)),
+)
+
+
+def _epoch_band(g: Group, key: str) -> tuple[list[int], list[float], list[float]]:
+    by_epoch: dict[int, list[float]] = {}
+    for rows in g.epochs.values():
+        for row in rows:
+            v = row.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                by_epoch.setdefault(int(row["epoch"]), []).append(float(v))
+    xs = sorted(by_epoch)
+    stats = [mean_std(by_epoch[e]) for e in xs]
+    return [x + 1 for x in xs], [m for m, _, _ in stats], [0.0 if n < 2 else s for _, s, n in stats]
+
+
+def curves(groups: list[Group], panels, title: str) -> bytes:
+    """One subplot per panel: each key's mean over seeds per epoch, with a ±std band."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    styles = ("-", "--", ":")
+    for ax, (name, keys) in zip(axes[0], panels, strict=True):
+        for gi, g in enumerate(groups):
+            for ki, (key, label) in enumerate(keys):
+                xs, ms, ss = _epoch_band(g, key)
+                if not xs:
+                    continue
+                lab = f"{g.label}: {label}" if len(keys) > 1 else g.label
+                ax.plot(xs, ms, styles[ki % 3], color=f"C{gi % 10}", marker="o", ms=3, label=lab)
+                ax.fill_between(xs, [m - s for m, s in zip(ms, ss, strict=True)],
+                                [m + s for m, s in zip(ms, ss, strict=True)], color=f"C{gi % 10}", alpha=0.15)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        if ax.lines:
+            ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sections
+
+
+def _provenance(doc: Doc, groups: list[Group]) -> None:
+    seen = []
+    for g in groups:
+        item = (g.source, g.command)
+        if item not in seen:
+            seen.append(item)
+    for source, command in seen:
+        doc.p(f"Config: `{source}`" + (f"; command: `{command}`" if command else ""))
+
+
+def _stat_row(g: Group) -> list[str]:
+    diverged = sum(r["status"] == "diverged" for r in g.runs)
+    other = [r["status"] for r in g.runs if r["status"] not in RESULT_STATUSES]
+    status = f"{len(g.runs) - len(other)}/{len(g.runs)} done" + (f", {diverged} diverged" if diverged else "")
+    if other:
+        status += ", " + ", ".join(f"{other.count(s)} {s}" for s in sorted(set(other)))
+    return [g.sweep, g.label, fmt(g.values(ACC), scale=100), fmt(g.values("eval_knn_top1"), scale=100),
+            fmt(g.values(BIAS)), status]
+
+
+STAT_HEADER = ["sweep", "point", "linear top-1 (%)", "kNN top-1 (%)", "bias (deg)", "runs"]
+
+
+def _dataset(g: Group) -> str:
+    return g.config["data"]["dataset"]
+
+
+def _by(groups: list[Group], key: Callable[[Group], Any]) -> dict[Any, list[Group]]:
+    out: dict[Any, list[Group]] = {}
+    for g in groups:
+        out.setdefault(key(g), []).append(g)
+    return out
+
+
+def section_paper(doc: Doc, groups: list[Group]) -> None:
+    doc.h(2, "Against the paper")
+    doc.p("Paper: top-1 linear accuracy (%), ResNet-50 on ImageNet, 100 epochs, batch 512 unless the dataset "
+          "column says otherwise. Here: mean ± std over seeds (n runs) of this database's runs of the same study "
+          "and setting, on whatever dataset and scale they used (named in the row). Best-of-grid rows take the "
+          "grid point with the highest mean.")
+    rows = []
+    for ref in PAPER:
+        chosen = [g for g in groups if g.study == ref["study"] and g.runs and ref["select"](g.config)]
+        paper = f"{ref['acc']:.2f}" + (f" (bias {ref['bias']:.2f})" if ref.get("bias") is not None else "")
+        if not chosen:
+            rows.append([ref["study"], ref["setting"], ref["dataset"], paper, "-", "no runs", "-"])
+            continue
+        for ds, gs in _by(chosen, _dataset).items():
+            if ref.get("best"):
+                scored = [g for g in gs if g.values(ACC)]
+                gs = [max(scored, key=lambda g: mean_std(g.values(ACC))[0])] if scored else gs[:1]
+            for g in gs:
+                here = fmt(g.values(ACC), scale=100)
+                if ref.get("bias") is not None and g.values(BIAS):
+                    here += f"; bias {fmt(g.values(BIAS))}"
+                rows.append([ref["study"], ref["setting"], ref["dataset"], paper, f"{ds}: {g.label}", here,
+                             f"{g.sweep} ({g.source})"])
+    doc.table(["study", "setting", "paper dataset", "paper", "here (dataset: point)", "here", "sweep (config)"],
+              rows)
+
+
+def section_loss_balance(doc: Doc, groups: list[Group]) -> None:
+    doc.h(2, "Balancing the loss: accuracy over (alpha, lam)")
+    gs = [g for g in groups if g.study == "loss_balance"]
+    if not gs:
+        doc.p("No runs of this study in the database (sweeps with `study: loss_balance`).")
+        return
+    for (ds, loss), sub in _by(gs, lambda g: (_dataset(g), g.config["loss"]["name"])).items():
+        doc.h(3, f"{loss} on {ds}")
+        name = f"heatmap_{ds}_{loss}.png"
+        doc.image(name, heatmap(sub, f"{loss} on {ds}: linear top-1 (%), mean ± std over seeds"), name)
+        doc.table(STAT_HEADER, [_stat_row(g) for g in sub])
+        _provenance(doc, sub)
+
+
+def section_augmentation(doc: Doc, groups: list[Group]) -> None:
+    doc.h(2, "Augmentations and prototype bias")
+    gs = [g for g in groups if g.study == "augmentation"]
+    paper = [(r["bias"], r["acc"]) for r in PAPER if r["study"] == "augmentation" and r.get("bias") is not None]
+    rho_paper = spearman([b for b, _ in paper], [a for _, a in paper])
+    if not gs:
+        doc.p("No runs of this study in the database (sweeps with `study: augmentation`).")
+        return
+    for ds, sub in _by(gs, _dataset).items():
+        doc.h(3, f"{ds}")
+        pts = [(mean_std(g.values(BIAS))[0], mean_std(g.values(ACC))[0]) for g in sub]
+        pts = [(b, a) for b, a in pts if math.isfinite(b) and math.isfinite(a)]
+        rho = spearman([b for b, _ in pts], [a for _, a in pts])
+        doc.p(f"Spearman rank correlation of mean bias and mean accuracy over the {len(pts)} augmentation sets: "
+              f"{rho:.2f} (paper, over its {len(paper)} sets with a reported bias: {rho_paper:.2f}). "
+              "The paper's claim is a negative correlation: more bias, lower accuracy."
+              + (" Fewer than 3 sets: no correlation computed." if len(pts) < 3 else ""))
+        name = f"bias_vs_accuracy_{ds}.png"
+        doc.image(name, bias_scatter(sub, f"{ds}: accuracy vs prototype bias (mean ± std over seeds)"), name)
+        doc.table(STAT_HEADER, [_stat_row(g) for g in sub])
+        _provenance(doc, sub)
+
+
+def _bar_section(doc: Doc, groups: list[Group], study: str, title: str, what: str) -> None:
+    doc.h(2, title)
+    gs = [g for g in groups if g.study == study]
+    if not gs:
+        doc.p(f"No runs of this study in the database (sweeps with `study: {study}`). {what}")
+        return
+    for ds, sub in _by(gs, _dataset).items():
+        doc.h(3, ds)
+        name = f"{study}_{ds}.png"
+        doc.image(name, bar_chart(sub, f"{ds}: {title.lower()} (bars: mean ± std, dots: seeds)"), name)
+        doc.table(STAT_HEADER, [_stat_row(g) for g in sub])
+        _provenance(doc, sub)
+
+
+def section_bounds(doc: Doc, groups: list[Group]) -> None:
+    doc.h(2, "Bound terms and gaps over training")
+    gs = [g for g in groups if any(any("diag_attraction_gap" in e for e in rows) for rows in g.epochs.values())]
+    preferred = [g for g in gs if g.study == "bounds"]
+    gs = preferred or gs[:6]
+    if not gs:
+        doc.p("No run in the database recorded per-epoch bound terms (`protoclr sweep` adds them to each epoch).")
+        return
+    doc.p("Per epoch, on a class-balanced held-out probe set, L2-normalised projector outputs; the repulsion "
+          "bound at the run's own inverse temperature and nu = 1 (protoclr.diagnostics.bound_terms). Lines: mean "
+          "over seeds, bands: ± std." + ("" if preferred else " No `study: bounds` sweep: showing up to 6 points "
+                                         "of other sweeps."))
+    name = "bounds.png"
+    doc.image(name, curves(gs, BOUND_PANELS, "bound terms over epochs"), name)
+    rows = []
+    for g in gs:
+        for key in ("diag_attraction_gap", "diag_repulsion_gap"):
+            xs, ms, ss = _epoch_band(g, key)
+            if xs:
+                last = f"{ms[-1]:.4f} ± {ss[-1]:.4f}"
+                rows.append([g.sweep, g.label, key.removeprefix("diag_"), f"{ms[0]:.4f}", last, str(len(g.runs))])
+    doc.table(["sweep", "point", "gap", "first epoch (mean)", "last epoch (mean ± std)", "runs"], rows)
+    _provenance(doc, gs)
+
+
+def section_training(doc: Doc, groups: list[Group]) -> None:
+    doc.h(2, "Training curves")
+    gs = [g for g in groups if any(g.epochs.values())]
+    if not gs:
+        doc.p("No per-epoch metrics in the database.")
+        return
+    for sweep, sub in _by(gs, lambda g: g.sweep).items():
+        doc.h(3, sweep)
+        name = f"training_{sweep}.png"
+        panels = (("loss", (("loss", "loss"),)), ("online kNN top-1", (("knn_top1", "kNN"),)))
+        doc.image(name, curves(sub[:10], panels, f"{sweep}: training loss and online kNN (mean ± std over seeds)"),
+                  name)
+        _provenance(doc, sub[:1])
+
+
+def section_all(doc: Doc, groups: list[Group], counts: dict[str, int]) -> None:
+    doc.h(2, "Every point")
+    doc.table(STAT_HEADER, [_stat_row(g) for g in groups])
+    doc.p("Runs by status: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".")
+
+
+def build_report(db_path: str | Path, *, title: str = "protoclr results", note: str = "") -> Doc:
+    """The whole report as a :class:`Doc` (every section present, empty ones saying so)."""
+    groups, counts = load_groups(db_path)
+    doc = Doc()
+    doc.h(1, title)
+    doc.p(f"Database: `{db_path}`, {sum(counts.values())} runs in {len(groups)} points; generated "
+          f"{time.strftime('%Y-%m-%d %H:%M')} by `protoclr report {db_path}`. Accuracy: cached linear probe "
+          "top-1 on frozen backbone features; bias: angle (degrees) between surrogate and class prototypes.")
+    if note:
+        doc.p(note)
+    section_paper(doc, groups)
+    section_loss_balance(doc, groups)
+    section_augmentation(doc, groups)
+    _bar_section(doc, groups, "similarity", "Similarity measure", "")
+    _bar_section(doc, groups, "class_balance", "Class balance", "")
+    section_bounds(doc, groups)
+    section_training(doc, groups)
+    section_all(doc, groups, counts)
+    return doc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(db_path: str | Path, out: str | Path, *, title: str = "protoclr results", note: str = "") -> Path:
+    """Write ``report.md`` + PNGs and ``report.html`` into ``out``; returns the markdown path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = build_report(db_path, title=title, note=note)
+    for name, png in doc.images.items():
+        _atomic_write(out / name, png)
+    _atomic_write(out / "report.md", doc.markdown().encode())
+    _atomic_write(out / "report.html", doc.html(title).encode())
+    return out / "report.md"
+
+
+def cli_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="protoclr report", description=__doc__.split("\n\n")[0])
+    p.add_argument("db", help="a runs.db (from protoclr sweep or pretrain)")
+    p.add_argument("--out", required=True, help="folder for report.md, report.html and the PNG plots")
+    p.add_argument("--title", default="protoclr results")
+    p.add_argument("--note", default="", help="a paragraph placed under the title (e.g. 'partial: ...')")
+    args = p.parse_args(argv)
+    try:
+        md = write_report(args.db, args.out, title=args.title, note=args.note)
+    except FileNotFoundError as e:
+        print(f"protoclr report: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {md} and {md.with_name('report.html')}")
+    return 0
+
+
+__all__ = ["PAPER", "Doc", "Group", "build_report", "cli_main", "fmt", "load_groups", "mean_std", "spearman",
+           "write_report"]

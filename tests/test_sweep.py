@@ -1,0 +1,312 @@
+"""protoclr.sweep: grid parsing and errors, run ids, claims under dead and live workers, a database that
+survives a killed writer, SLURM job scripts and database merging, and a tiny sweep end to end with a killed
+worker and a resume (no duplicated or lost rows)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from protoclr import sweep as S
+from protoclr.results import ResultsDB
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a tiny image-folder dataset: 4 classes, 24 train / 8 test images each, 28x28
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_images")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("test", 8)):
+        for c in range(4):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.zeros((28, 28, 3), np.uint8)
+                img[:, :, c % 3] = 60 * (c + 1)
+                img = np.clip(img + rng.integers(0, 60, (28, 28, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def _sweep_file(tmp: Path, data: Path, *, epochs: int = 2, extra: dict | None = None) -> Path:
+    spec = {
+        "study": "loss_balance",
+        "seeds": 2,
+        "overrides": {"data.dataset": "image_folder", "data.root": str(data), "train.batch_size": 16,
+                      "train.epochs": epochs, "model.projector_hidden_dim": 32, "model.projector_dim": 16,
+                      "trainer.progress": False, "trainer.loggers": [], "monitor.batch_size": 64},
+        "grid": {"loss.lam": [1, 2]},
+        "evaluate": {"train_images": 0, "probe_images": 16, "probe_views": 2, "batch_size": 64},
+        **(extra or {}),
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "PROTOCLR_CACHE": str(tmp / "cache"), "PYTHONPATH": str(REPO / "src")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parsing and errors
+
+
+def test_parse_grid_arg_values_and_brackets():
+    assert S.parse_grid_arg("loss.alpha=0.5,1,2") == ("loss.alpha", [0.5, 1, 2])
+    assert S.parse_grid_arg("data.view_modifiers=[],[no_blur,add_cutout]") == (
+        "data.view_modifiers", [[], ["no_blur", "add_cutout"]])
+    assert S.parse_grid_arg("loss.name=balanced,nt_xent") == ("loss.name", ["balanced", "nt_xent"])
+
+
+@pytest.mark.parametrize("arg, why", [
+    ("alpha", "expected section.key=v1,v2"),
+    ("loss.alpha", "expected section.key=v1,v2"),
+    ("loss.alpha=", "empty value"),
+    ("loss.alpha=1,,2", "empty value"),
+    ("loss.alpha=1,1", "repeated"),
+    ("loss.alph=1,2", "unknown config key 'loss.alph'"),
+    ("loss.alpha=-1,2", "loss.alpha: must be > 0"),
+    ("loss.alpha=fast", "expected a number"),
+])
+def test_bad_grid_names_the_argument(arg, why, capsys):
+    rc = S.cli_main(["--grid", arg, "--plan", "--out", "/nonexistent/never-created", str(_base_config_file())])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"--grid {arg!r}" in err and why in err
+
+
+def _base_config_file() -> Path:
+    path = Path(os.environ.get("PYTEST_TMP_BASE", "/tmp")) / "protoclr_sweep_base.yaml"
+    path.write_text("loss: {name: balanced}\n")
+    return path
+
+
+def test_sweep_file_errors(tmp_path, tiny_data):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: {loss.alpha: [1]}\nepochs: 3\n")
+    with pytest.raises(S.SweepError, match="unknown key 'epochs'"):
+        S.load_sweep_file(bad)
+    bad.write_text("grid: {loss.alpha: 2}\n")
+    with pytest.raises(S.SweepError, match="non-empty list"):
+        S.load_sweep_file(bad)
+    bad.write_text("grid: {loss.temp: [1, 2]}\n")
+    with pytest.raises(S.SweepError, match=r"grid.loss.temp: unknown config key 'loss.temp'"):
+        S.load_sweep_file(bad)
+    bad.write_text("grid: {loss.alpha: [1]}\nevaluate: {probe_view: 4}\n")
+    with pytest.raises(S.SweepError, match=r"evaluate\.probe_view: unknown option"):
+        S.load_sweep_file(bad)
+    bad.write_text("base: missing.yaml\ngrid: {loss.alpha: [1]}\n")
+    with pytest.raises(S.SweepError, match=r"base config .*missing\.yaml does not exist"):
+        S.load_sweep_file(bad)
+
+
+def test_run_ids_deterministic_and_distinct(tmp_path, tiny_data):
+    sweep = S.load_sweep_file(_sweep_file(tmp_path, tiny_data))
+    a, b = S.expand(sweep), S.expand(sweep)
+    assert [r.run_id for r in a] == [r.run_id for r in b]
+    assert len({r.run_id for r in a}) == 4
+    assert [(r.point["loss.lam"], r.seed) for r in a] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    # where a run executes does not change what it is; what it computes does
+    moved = S.expand(sweep, extra=["trainer.devices=2", "data.num_workers=1"])
+    assert [r.run_id for r in moved] == [r.run_id for r in a]
+    longer = S.expand(sweep, extra=["train.epochs=3"])
+    assert not {r.run_id for r in longer} & {r.run_id for r in a}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# claims
+
+
+def test_claim_respects_live_workers_and_takes_over_dead_ones(tmp_path, tiny_data):
+    sweep = S.load_sweep_file(_sweep_file(tmp_path, tiny_data))
+    runs = S.expand(sweep)
+    db = S.init_db(tmp_path / "runs.db")
+    S.register(db, sweep, runs, command="test")
+    rid = runs[0].run_id
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        con = sqlite3.connect(db)
+        for pid in (live.pid, dead.pid):
+            con.execute("UPDATE sweep_runs SET host=?, pid=?, pid_start=?, heartbeat=?, attempts=1 WHERE run_id=?",
+                        (os.uname().nodename, pid, S._proc_start(pid), time.time(), rid))
+            con.commit()
+            assert S.claim(db, rid) is (pid == dead.pid)
+        con.close()
+        assert S.sweep_states(db, [rid])[rid]["pid"] == os.getpid()
+        S.release(db, rid, "done")
+        assert not S.claim(db, rid)  # done runs are never claimed again
+        S.release(db, runs[1].run_id, "failed", "boom")
+        assert not S.claim(db, runs[1].run_id) and S.claim(db, runs[1].run_id, retry_failed=True)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_run_whose_worker_keeps_dying_is_marked_failed(tmp_path, tiny_data):
+    sweep = S.load_sweep_file(_sweep_file(tmp_path, tiny_data))
+    runs = S.expand(sweep)
+    db = S.init_db(tmp_path / "runs.db")
+    S.register(db, sweep, runs, command="test")
+    rid = runs[0].run_id
+    con = sqlite3.connect(db)
+    con.execute("UPDATE sweep_runs SET host=?, pid=999999999, attempts=? WHERE run_id=?",
+                (os.uname().nodename, S.MAX_ATTEMPTS, rid))
+    con.commit()
+    con.close()
+    assert not S.claim(db, rid)
+    assert S.sweep_states(db, [rid])[rid]["state"] == "failed"
+
+
+_WRITER = """
+import sys, time
+from protoclr.results import ResultsDB
+db = ResultsDB(sys.argv[1])
+db.start_run(sys.argv[2], config={"x": 1})
+for e in range(100000):
+    db.log_epoch(sys.argv[2], e, {"loss": float(e), "pad": "x" * 2000})
+"""
+
+
+def test_database_survives_killed_writers(tmp_path):
+    path = tmp_path / "runs.db"
+    ResultsDB(path)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), f"w{i}"], env=env) for i in range(2)]
+    deadline = time.time() + 60
+    db = ResultsDB(path)
+    while time.time() < deadline and min(len(db.epochs(f"w{i}")) if _has(db, f"w{i}") else 0 for i in range(2)) < 20:
+        time.sleep(0.05)
+    for w in writers:
+        w.send_signal(signal.SIGKILL)
+        w.wait()
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    for i in range(2):
+        epochs = [e["epoch"] for e in db.epochs(f"w{i}")]
+        assert len(epochs) >= 20 and epochs == list(range(len(epochs)))  # whole transactions, no gaps
+    db.finish_run("w0", "interrupted", {"n": 1})  # still writable
+    assert db.get_run("w0")["status"] == "interrupted"
+
+
+def _has(db: ResultsDB, rid: str) -> bool:
+    try:
+        db.get_run(rid)
+        return True
+    except KeyError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cluster jobs
+
+
+def test_slurm_scripts_and_merge(tmp_path, tiny_data):
+    sweep = S.load_sweep_file(_sweep_file(tmp_path, tiny_data))
+    runs = S.expand(sweep)
+    out = tmp_path / "out"
+    db = S.init_db(out / "runs.db")
+    S.register(db, sweep, runs, command="protoclr sweep tiny.yaml --submit slurm")
+    rc = S.cli_main([str(tmp_path / "tiny.yaml"), "--out", str(out), "--submit", "slurm", "--slurm-partition", "gpu",
+                     "--slurm-gpus", "4", "--slurm-setup", "source .venv/bin/activate"])
+    assert rc == 0
+    scripts = sorted((out / "slurm").glob("*.sbatch"))
+    assert [p.stem for p in scripts] == sorted(r.run_id for r in runs)
+    text = scripts[0].read_text()
+    rid = scripts[0].stem
+    for line in ("#SBATCH --gres=gpu:4", "#SBATCH --partition=gpu", "source .venv/bin/activate",
+                 f"-m protoclr.sweep _job {out / 'jobs' / rid} {rid} trainer.devices=4"):
+        assert line in text
+    assert (out / "slurm" / "submit_all.sh").read_text().count("sbatch ") == 4
+    # each job database holds its run's spec; a finished job's rows merge back, newer rows win
+    for r in runs:
+        job_db = out / "jobs" / r.run_id / "runs.db"
+        assert S.sweep_states(job_db, [r.run_id])[r.run_id]["state"] == "pending"
+        jdb = ResultsDB(job_db)
+        jdb.start_run(r.run_id, config=r.config, run_dir=out / "jobs" / r.run_id / r.run_id)
+        for e in range(2):
+            jdb.log_epoch(r.run_id, e, {"loss": 1.0 - e})
+        jdb.finish_run(r.run_id, "finished", {"eval_linear_top1": 0.5})
+        S.release(job_db, r.run_id, "done")
+    assert S.cli_main(["--merge", str(out)]) == 0
+    main = ResultsDB(out / "runs.db")
+    assert len(main.runs()) == 4 and all(r["status"] == "finished" for r in main.runs())
+    assert all(len(main.epochs(r.run_id)) == 2 for r in runs)
+    assert all(s["state"] == "done" for s in S.sweep_states(out / "runs.db", [r.run_id for r in runs]).values())
+    assert S.merge_databases(out / "runs.db", sorted(out.glob("jobs/*/runs.db"))) == 0  # idempotent
+
+
+# ----------------------------------------------------------------------------------------------------------
+# end to end
+
+
+def _rows(db_path: Path) -> tuple[list[tuple], list[tuple]]:
+    con = sqlite3.connect(db_path)
+    try:
+        runs = con.execute("SELECT run_id, status FROM runs ORDER BY run_id").fetchall()
+        epochs = con.execute("SELECT run_id, epoch FROM epochs ORDER BY run_id, epoch").fetchall()
+    finally:
+        con.close()
+    return runs, epochs
+
+
+@pytest.mark.slow
+def test_tiny_sweep_killed_then_resumed_then_reported(tmp_path, tiny_data):
+    path = _sweep_file(tmp_path, tiny_data, epochs=3)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "protoclr.cli", "sweep", str(path), "--out", str(out), "--workers", "2"]
+    proc = subprocess.Popen(cmd, env=_env(tmp_path), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill every process of the sweep once the first epoch is in the database
+        time.sleep(0.1)
+        if (out / "runs.db").is_file() and _rows(out / "runs.db")[1]:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    runs, _ = _rows(out / "runs.db")
+    assert runs and any(status != "finished" for _, status in runs), "the sweep finished before it was killed"
+
+    done = subprocess.run(cmd, env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 finished" in done.stdout
+    runs, epochs = _rows(out / "runs.db")
+    ids = [r.run_id for r in S.expand(S.load_sweep_file(path))]
+    assert runs == [(rid, "finished") for rid in sorted(ids)]  # no lost or duplicated runs
+    assert epochs == [(rid, e) for rid in sorted(ids) for e in range(3)]  # every epoch once
+    db = ResultsDB(out / "runs.db")
+    for rid in ids:
+        fm = db.get_run(rid)["final_metrics"]
+        assert 0 <= fm["eval_linear_top1"] <= 1 and 0 <= fm["eval_knn_top1"] <= 1
+        assert all("diag_attraction_gap" in e for e in db.epochs(rid))  # diagnostics merged into every epoch
+
+    again = subprocess.run(cmd, env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and _rows(out / "runs.db") == (runs, epochs)  # nothing re-run
+
+    from protoclr.report import write_report
+
+    md = write_report(out / "runs.db", tmp_path / "report").read_text()
+    for heading in ("## Against the paper", "## Balancing the loss", "## Augmentations and prototype bias",
+                    "## Similarity measure", "## Class balance", "## Bound terms", "## Training curves",
+                    "## Every point"):
+        assert heading in md
+    assert "(n=2)" in md and json.dumps(str(path))[1:-1] in md
