@@ -426,6 +426,15 @@ def sweep_states(db_path: Path, ids: list[str]) -> dict[str, dict[str, Any]]:
 # one run: pretrain (epoch by epoch), diagnostics, final probes
 
 
+def _device(encoder) -> str:
+    """The first GPU when there is one (the encoder is moved there), else the CPU."""
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder.to(dev)
+    return dev
+
+
 def _diagnostics(encoder, probe_set, spec, cfg: Config, opts: EvalOptions) -> dict[str, float]:
     """Bias and bound terms of ``encoder`` on the probe set, flat ``diag_*`` scalars."""
     import torch
@@ -435,7 +444,7 @@ def _diagnostics(encoder, probe_set, spec, cfg: Config, opts: EvalOptions) -> di
     labels = torch.as_tensor(probe_set.labels).long()
     C = len(probe_set.classes)
     feats = view_features(encoder, probe_set, views=opts.probe_views, recipe=spec, seed=cfg.train.seed,
-                          batch_size=opts.batch_size)
+                          batch_size=opts.batch_size, device=_device(encoder))
     alpha = 1.0 / cfg.loss.temperature if cfg.loss.name in ("nt_xent", "decoupled") else cfg.loss.alpha
     b = bound_terms(feats["projector"], labels, num_classes=C, alphas=(alpha,), nus=(1.0,))
     (rep,) = b["repulsion"].values()
@@ -475,8 +484,9 @@ def _final_probes(encoder, train, test, spec, cfg: Config, opts: EvalOptions) ->
     def prep(x):
         return eval_images(x, spec)
 
-    f_tr, y_tr = extract_features(encoder.backbone, train, batch_size=opts.batch_size, preprocess=prep)
-    f_te, y_te = extract_features(encoder.backbone, test, batch_size=opts.batch_size, preprocess=prep)
+    dev = _device(encoder)
+    f_tr, y_tr = extract_features(encoder.backbone, train, batch_size=opts.batch_size, preprocess=prep, device=dev)
+    f_te, y_te = extract_features(encoder.backbone, test, batch_size=opts.batch_size, preprocess=prep, device=dev)
     out: dict[str, float] = {"eval_train_images": float(len(train)), "eval_test_images": float(len(test))}
     if not (torch.isfinite(f_tr).all() and torch.isfinite(f_te).all()):
         out["eval_nonfinite_features"] = 1.0  # a diverged encoder: no accuracy to report
@@ -743,7 +753,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     p.add_argument("--plan", action="store_true", help="list the runs and their status; run nothing")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate every run and do the engine's 2-step dry run (full model, fake data) per point")
+                   help="validate every run and do the engine's 2-step dry run (full model, fake data) once per "
+                   "distinct data / model / loss / similarity")
     p.add_argument("--submit", choices=("slurm",), help="write one sbatch script per pending run instead of running")
     p.add_argument("--slurm-partition", default="")
     p.add_argument("--slurm-time", type=int, default=240, help="minutes per job")
@@ -817,7 +828,13 @@ def cli_main(argv: list[str]) -> int:
     if args.dry_run:
         from protoclr.train import pretrain
 
-        for r in runs[:: sweep.seeds]:
+        seen = set()
+        for r in runs:  # one per code path: data, model, loss and similarity (grid values only rescale)
+            c = r.config
+            key = json.dumps([c["data"], c["model"], c["loss"]["name"], c["loss"]["similarity"]], sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
             cfg = config_from_dict(r.config)
             t0 = time.perf_counter()
             pretrain(cfg, dry_run=True)
