@@ -459,3 +459,25 @@ def test_truncated_jpeg_is_an_error_naming_the_file():
     blob = _jpeg(RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"cannot decode image set/x\.jpg"):
         decode_image_bytes(blob[: len(blob) // 3], where="set/x.jpg")
+
+
+def test_imagenet_lt_bad_file_and_list_errors(tmp_path):
+    root, *_ = _make_imagenet_lt(tmp_path)
+    (root / "train" / "n02" / "n02_1.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(ValueError, match="n02_1"):
+        load_dataset("imagenet_lt", root=root)
+    with pytest.warns(UserWarning, match="skipped 1"):
+        ds = load_dataset("imagenet_lt", root=root, on_bad="skip")
+    assert len(ds) == 4 and ds.classes == ["n01", "n02"] and len(ds.skipped) == 1
+    (root / "ImageNet_LT_val.txt").write_text("train/n01/n01_0.JPEG\n")
+    with pytest.raises(ValueError, match="expected 'path label'"):
+        load_dataset("imagenet_lt", split="val", root=root)
+
+
+def test_to_device_keeps_labels_and_refuses_file_backed(tmp_path):
+    ds = _toy([3, 2])
+    moved = ds.to("cpu")
+    assert torch.equal(moved.images, ds.images) and torch.equal(moved.labels, ds.labels) and moved is not ds
+    files = load_dataset("image_folder", root=_tree(tmp_path, {"a": 2}), in_memory=False, use_cache=False)
+    with pytest.raises(ValueError, match="DataLoader"):
+        files.to("cpu")

@@ -28,7 +28,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -70,7 +70,7 @@ def default_cache_dir() -> Path:
 # the dataset type
 
 
-@dataclass
+@dataclass(eq=False)
 class LabeledImages:
     """Images with integer labels and class names.
 
@@ -179,9 +179,7 @@ class LabeledImages:
         """Move the image tensor to ``device`` (in-memory sets; CIFAR-scale data fits on the training device)."""
         if self.images is None:
             raise ValueError(f"{self!r} is file-backed; stream it with a DataLoader instead of moving it.")
-        out = self.subset(torch.arange(len(self)))
-        out.images = self.images.to(device)
-        return out
+        return replace(self, images=self.images.to(device))
 
     def _read_bytes(self, member: str) -> bytes:
         src = Path(self.source)
@@ -243,9 +241,18 @@ def resize_center_crop(image: Tensor, size: int) -> Tensor:
 
 
 def _decode_all(
-    read: Callable[[str], bytes], members: list[str], *, channels: int, image_size: int | None, where: Callable
+    read: Callable[[str], bytes],
+    members: list[str],
+    *,
+    channels: int,
+    image_size: int | None,
+    where: Callable,
+    keep_images: bool = True,
 ) -> tuple[list[Tensor | None], list[str]]:
-    """Decode ``members`` with a thread pool (PIL releases the GIL); returns images (None if bad) and bad paths."""
+    """Decode ``members`` with a thread pool (PIL releases the GIL); returns images (None if bad) and bad paths.
+
+    keep_images=False only checks that each file decodes (good entries are empty tensors), for file-backed sets.
+    """
     out: list[Tensor | None] = [None] * len(members)
     bad: list[str] = []
 
@@ -254,6 +261,8 @@ def _decode_all(
             img = torch.from_numpy(decode_image_bytes(data, channels=channels, where=where(members[k])))
         except ValueError as e:
             return str(e)
+        if not keep_images:
+            return torch.empty(0, dtype=torch.uint8)
         return resize_center_crop(img, image_size) if image_size else img
 
     workers = max(1, min(8, os.cpu_count() or 1))
@@ -437,7 +446,8 @@ def load_image_folder(
             probe._read_bytes,
             files,
             channels=channels,
-            image_size=image_size if in_memory else None,
+            image_size=image_size,
+            keep_images=in_memory,
             where=lambda m: _join_source(str(source), m),
         )
         keep = torch.tensor([d is not None for d in decoded], dtype=torch.bool)
@@ -692,11 +702,12 @@ def verify_files(dataset: LabeledImages, *, on_bad: str = "error") -> LabeledIma
     """Decode every file of a file-backed set; stop with the bad list, or (``on_bad="skip"``) drop and warn."""
     if dataset.files is None:
         return dataset
-    _, bad = _decode_all(
+    decoded, bad = _decode_all(
         dataset._read_bytes,
         dataset.files,
         channels=dataset.channels,
         image_size=None,
+        keep_images=False,
         where=lambda m: _join_source(dataset.source, m),
     )
     if not bad:
@@ -704,8 +715,7 @@ def verify_files(dataset: LabeledImages, *, on_bad: str = "error") -> LabeledIma
     if on_bad == "error":
         raise _bad_files_error(bad, dataset.source or dataset.name)
     warnings.warn(f"skipped {len(bad)} bad image file(s) in {dataset.source}", stacklevel=2)
-    bad_set = {b.split(": ", 1)[0].removeprefix("cannot decode image ").removeprefix("cannot read image ") for b in bad}
-    keep = [i for i in range(len(dataset)) if dataset.path(i) not in bad_set]
+    keep = [i for i, d in enumerate(decoded) if d is not None]
     out = dataset.subset(keep)
     out.skipped = list(bad)
     return out
