@@ -22,9 +22,11 @@ trains on detached features of view 0 with its own optimizer: its loss never rea
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -342,7 +344,8 @@ def _fabric(cfg: Config, run_dir: Path | None):
 def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
     """Train ``cfg``'s encoder; returns the run folder. Resumes when the folder already holds a checkpoint.
 
-    ``dry_run``: fake data, two steps, no run folder kept on disk and no database row (returns the temp folder).
+    ``dry_run``: the full model and view size on fake data, a global batch of at most 8 (so that a big config
+    fits a small machine), two steps; no run folder is kept and no database row written.
     Raises :class:`TrainingDiverged` when a non-finite loss or gradient stops the run.
     """
     cfg.validate()
@@ -356,6 +359,11 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
     fabric, on_gpu = _fabric(cfg, None if dry_run else run_dir)
     fabric.launch()
     W, rank = fabric.world_size, fabric.global_rank
+    if dry_run:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.batch_size = W * max(1, min(cfg.train.batch_size, 8) // W)
+        cfg.data.num_workers = 0  # fake data is in memory
+        tc = cfg.train
     if tc.batch_size % W:
         raise ConfigError(f"train.batch_size: {tc.batch_size} is not divisible by the {W} processes")
     # Every rank must agree on the run folder (the default name holds a time stamp).
@@ -594,6 +602,8 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
     finish(status, epoch_metrics)
     for logger in fabric.loggers:
         logger.finalize("success")
+    if dry_run and rank == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return run_dir
 
 
@@ -644,7 +654,8 @@ def cli_main(argv: list[str]) -> int:
         print(f"protoclr pretrain: config error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(f"dry run ok: built the model and ran 2 steps ({cfg.model.backbone}, batch {cfg.train.batch_size})")
+        print(f"dry run ok: built {cfg.model.backbone} + {cfg.model.projector_layers}-layer projector, "
+              f"{cfg.loss.name} loss, {cfg.optim.name}; ran 2 steps on fake {cfg.data.views} views (batch <= 8)")
     else:
         print(f"run saved in {run_dir}")
     return 0
