@@ -598,19 +598,24 @@ def view_grid(
     seed: int = 0,
     epoch: int = 0,
     indices: Tensor | None = None,
+    originals: Tensor | None = None,
     cell: int = 96,
 ) -> Tensor:
-    """``(3, rows*cell, cols*cell)`` float image: each row is one original (eval crop) then its views."""
+    """``(3, rows*cell, cols*cell)`` float image: each row is one original (eval crop) then its views.
+
+    images: ``(B, C, H, W)`` uint8, or pre-cropped ``(V, B, C, s, s)`` from ``CropViews`` together with
+    ``originals`` ``(B, C, H', W')`` uint8 for the first column.
+    """
     import torchvision.utils as vutils
 
     B = images.shape[-4]
     idx = torch.arange(B) if indices is None else torch.as_tensor(indices)
     views = make_views(images, spec, num_views=num_views, seed=seed, epoch=epoch, indices=idx)  # (V, B, C, s, s)
-    if images.dim() == 5:  # pre-cropped: show the first crop as the "original" column
-        orig = images[0].float() / 255.0
-        orig = match_channels(orig, spec.channels)
-    else:
-        orig = denormalize(eval_images(images, spec), spec)
+    if originals is None:
+        if images.dim() == 5:
+            raise ValueError("pre-cropped images need originals= (B, C, H, W) uint8 for the first column.")
+        originals = images
+    orig = denormalize(eval_images(originals, spec), spec)  # (B, C, s, s)
     cols = torch.cat([orig[:, None], denormalize(views, spec).transpose(0, 1)], 1)  # (B, 1+V, C, s, s)
     cols = match_channels(cols.flatten(0, 1), 3)
     cols = F.interpolate(cols, size=(cell, cell), mode="nearest")
@@ -668,13 +673,21 @@ def cli_main(argv: list[str]) -> int:
             print(f"skipped {len(ds.skipped)} bad image file(s)", file=sys.stderr)
         gen = torch.Generator().manual_seed(args.seed)
         idx = torch.randperm(len(ds), generator=gen)[: args.num_images].sort().values
+        originals = ds.get_images(idx)  # file-backed: shorter side resized to ds.image_size, center crop
         if ds.in_memory:
-            images = ds.get_images(idx)
-        else:
+            images = originals
+        else:  # the crops come from the native-size images, as in training
             cv = CropViews(ds, spec, num_views=args.num_views, seed=args.seed, epoch=args.epoch)
             images = torch.stack([cv[i][1] for i in idx.tolist()], 1)  # (V, B, C, s, s)
         grid = view_grid(
-            images, spec, num_views=args.num_views, seed=args.seed, epoch=args.epoch, indices=idx, cell=args.cell
+            images,
+            spec,
+            num_views=args.num_views,
+            seed=args.seed,
+            epoch=args.epoch,
+            indices=idx,
+            originals=originals,
+            cell=args.cell,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"protoclr views: {e}", file=sys.stderr)
