@@ -524,3 +524,18 @@ def test_labeled_images_in_views_pipeline():
     idx = torch.tensor([2, 0])
     v = make_views(ds.get_images(idx), view_spec("simclr_cifar"), num_views=2, seed=0, epoch=0, indices=idx)
     assert v.shape == (2, 2, 3, 32, 32)
+
+
+def test_protoclr_command_dispatches_to_views(tmp_path, capsys):
+    from protoclr.cli import main
+
+    rc = main(
+        ["views", "--dataset", "image_folder", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "g.png")]
+    )
+    assert rc == 2 and "image folder not found" in capsys.readouterr().err
+
+
+def test_float_input_equals_uint8_input():
+    x = IMAGES["simclr_cifar"]
+    spec = view_spec("simclr_cifar", ["add_cutout"])
+    assert torch.allclose(_views(x.float() / 255, spec), _views(x, spec), atol=1e-6)
