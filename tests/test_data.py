@@ -481,3 +481,13 @@ def test_to_device_keeps_labels_and_refuses_file_backed(tmp_path):
     files = load_dataset("image_folder", root=_tree(tmp_path, {"a": 2}), in_memory=False, use_cache=False)
     with pytest.raises(ValueError, match="DataLoader"):
         files.to("cpu")
+
+
+def test_datasets_pickle_for_worker_processes(tmp_path):
+    png = _png(np.full((4, 4, 3), 9, np.uint8))
+    z = _zip(tmp_path / "set.zip", {"a/0.png": png, "b/0.png": png})
+    files = load_dataset("image_folder", root=z, in_memory=False, image_size=4, use_cache=False)
+    files.get_images([0])  # opens the archive in this process
+    for ds in (files, _toy([2, 2])):
+        clone = pickle.loads(pickle.dumps(ds))
+        assert torch.equal(clone.get_images([0, 1]), ds.get_images([0, 1])) and torch.equal(clone.labels, ds.labels)
