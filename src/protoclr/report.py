@@ -367,24 +367,34 @@ def _epoch_band(g: Group, key: str) -> tuple[list[int], list[float], list[float]
 
 
 def curves(groups: list[Group], panels, title: str) -> bytes:
-    """One subplot per panel: each key's mean over seeds per epoch, with a ±std band."""
+    """One subplot per panel: each key's mean over seeds per epoch with a ±std band. Colours are grid points
+    (legend below the figure), line styles the panel's terms (legend in the panel)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    from matplotlib.lines import Line2D
+
+    cols = 2 if len(panels) > 2 else len(panels)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.2 * rows), squeeze=False)
     styles = ("-", "--", ":")
-    for ax, (name, keys) in zip(axes[0], panels, strict=True):
+    for ax, (name, keys) in zip(axes.flat, panels, strict=False):
         for gi, g in enumerate(groups):
-            for ki, (key, label) in enumerate(keys):
+            for ki, (key, _) in enumerate(keys):
                 xs, ms, ss = _epoch_band(g, key)
                 if not xs:
                     continue
-                lab = f"{g.label}: {label}" if len(keys) > 1 else g.label
-                ax.plot(xs, ms, styles[ki % 3], color=f"C{gi % 10}", marker="o", ms=3, label=lab)
+                ax.plot(xs, ms, styles[ki % 3], color=f"C{gi % 10}", marker="o", ms=3)
                 ax.fill_between(xs, [m - s for m, s in zip(ms, ss, strict=True)],
                                 [m + s for m, s in zip(ms, ss, strict=True)], color=f"C{gi % 10}", alpha=0.15)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("epoch")
-        if ax.lines:
-            ax.legend(fontsize=6)
+        if len(keys) > 1:
+            ax.legend([Line2D([], [], color="k", ls=styles[i % 3]) for i in range(len(keys))],
+                      [label for _, label in keys], fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles = [Line2D([], [], color=f"C{gi % 10}", marker="o") for gi in range(len(groups))]
+    fig.legend(handles, [g.label for g in groups], loc="lower center", ncol=min(3, len(groups)), fontsize=8,
+               bbox_to_anchor=(0.5, -0.02 - 0.035 * math.ceil(len(groups) / 3)))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _png(fig)
