@@ -201,6 +201,8 @@ def test_cli_config_errors_dry_run_and_print_config(tmp_path, capsys, fashion_mn
     assert yaml.safe_load(capsys.readouterr().out)["optim"]["base_lr"] == 0.6
     assert cli_main(["--dry-run", f"train.out_dir={tmp_path}", "trainer.progress=false"]) == 0
     assert "dry run ok" in capsys.readouterr().out
+    # the supervised objective runs through the loop too (labels and the prototype bank updated by the loop)
+    assert cli_main(["--dry-run", "loss.name=supervised_prototype", "trainer.progress=false"]) == 0
     assert not (tmp_path / "runs.db").exists()  # a dry run records nothing
 
 

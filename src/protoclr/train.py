@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import protoclr
 from protoclr import checkpoint as ckpt
 from protoclr.config import Config, ConfigError, LossConfig, OptimConfig, config_from_dict, load_config
+from protoclr.distributed import all_gather_no_grad
 from protoclr.models import Encoder, build_encoder, param_groups
 from protoclr.results import ResultsDB
 from protoclr.views import make_views
@@ -516,8 +517,6 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
                     h, z = model(x)  # (V*Bl, F), (V*Bl, D)
                     z = z.view(V, Bl, -1)  # (V, Bl, D)
                     if bank is not None:
-                        from protoclr.distributed import all_gather_no_grad
-
                         zf, yf = z.detach().flatten(0, 1), labels.repeat(V)  # (V*Bl, D), (V*Bl,)
                         bank.update(all_gather_no_grad(zf), all_gather_no_grad(yf))  # the loop owns the bank
                         loss = loss_fn(z.flatten(0, 1), labels.repeat(V), bank.prototypes)
@@ -536,8 +535,8 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
                                f"epoch, lr {float(lrs[step]):.4g}); likely cause: {_likely_cause(cfg)}")
                         optimizer.zero_grad(set_to_none=True)
                         probe_opt.zero_grad(set_to_none=True)
-                        skips += 1
-                        if tc.on_nonfinite == "skip" and skips <= tc.max_skips:
+                        if tc.on_nonfinite == "skip" and skips < tc.max_skips:
+                            skips += 1
                             assert buffers_backup is not None
                             with torch.no_grad():
                                 for b, saved in zip(raw_encoder.buffers(), buffers_backup, strict=True):
@@ -547,7 +546,7 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
                             step, step_in_epoch = step + 1, step_in_epoch + 1
                             continue
                         if tc.on_nonfinite == "skip":
-                            msg += f"; {skips} steps skipped (train.max_skips={tc.max_skips})"
+                            msg += f"; {skips} steps skipped before it (train.max_skips={tc.max_skips})"
                         log({"kind": "diverged", "step": step, "epoch": epoch, "message": msg})
                         finish("diverged", {"step": step, "epoch": epoch, "skips": skips}, msg)
                         raise TrainingDiverged(f"training diverged: {msg}. The last good checkpoint is kept in "
