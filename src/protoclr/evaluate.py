@@ -570,18 +570,19 @@ def _parser() -> Any:
     return p
 
 
-def _record(run_dir: Path, metrics: dict[str, float]) -> str:
-    """Merge ``metrics`` into the final metrics of this run's row in ``runs.db`` (parent folder)."""
+def record_in_runs_db(run_dir: Path, metrics: dict[str, float]) -> str:
+    """Merge ``metrics`` into the final metrics of this run's row in ``runs.db`` (parent folder); returns a
+    sentence saying where they went (or why only the JSON file holds them)."""
     db_path = run_dir.parent / "runs.db"
     if not db_path.is_file():
-        return f"no {db_path}; results are in eval.json only"
+        return f"no {db_path}; results are in the JSON file only"
     from protoclr.results import ResultsDB
 
     db = ResultsDB(db_path)
     try:
         row = db.get_run(run_dir.name)
     except KeyError:
-        return f"no run {run_dir.name!r} in {db_path}; results are in eval.json only"
+        return f"no run {run_dir.name!r} in {db_path}; results are in the JSON file only"
     db.finish_run(run_dir.name, row["status"], {**(row["final_metrics"] or {}), **metrics}, message=row["message"])
     return f"recorded in {db_path} (run {run_dir.name})"
 
@@ -682,7 +683,7 @@ def cli_main(argv: list[str]) -> int:
             flat[f"{tag}_{label}_{metric}"] = res[metric]
         for group, acc in res.get("groups", {}).items():
             flat[f"{tag}_{label}_{group}_top1"] = acc
-    where = _record(run_dir, flat)
+    where = record_in_runs_db(run_dir, flat)
 
     table = Table(title=f"protoclr evaluate: {run_dir.name} on {name} ({len(train)} train / {len(test)} test)")
     for col in ("method", "top-1", "top-5", *(groups or {})):
