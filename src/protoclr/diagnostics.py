@@ -697,6 +697,7 @@ def plot_history(hist: dict[str, list[tuple[int, float]]], path: str | Path, *, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     for ax, (name, lines) in zip(axes[0], panels, strict=True):
@@ -705,6 +706,9 @@ def plot_history(hist: dict[str, list[tuple[int, float]]], path: str | Path, *, 
             ax.plot(xs, ys, marker="o", markersize=3, label=label)
         if name.startswith("gaps"):
             ax.axhline(0.0, color="black", linewidth=0.8, linestyle="--")
+        if name.startswith("repulsion") and "diag_bound_alpha" in hist and "diag_bound_nu" in hist:
+            name += f" (alpha={hist['diag_bound_alpha'][-1][1]:g}, nu={hist['diag_bound_nu'][-1][1]:g})"
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
