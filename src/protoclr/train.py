@@ -704,10 +704,10 @@ def demo_main(argv: list[str]) -> int:
     console = Console()
     console.print(table)
     console.print(f"run: {run_dir}   pretraining {t_train / 60:.1f} min, total {elapsed / 60:.1f} min")
-    if db := ResultsDB(Path(cfg.train.out_dir) / "runs.db"):
-        row = db.get_run(run_dir.name)
-        db.finish_run(run_dir.name, row["status"], {**(row["final_metrics"] or {}), "eval_knn_top1": knn,
-                                                    "eval_linear_top1": lin, "raw_pixel_knn_top1": floor})
+    db = ResultsDB(Path(cfg.train.out_dir) / "runs.db")
+    row = db.get_run(run_dir.name)
+    db.finish_run(run_dir.name, row["status"], {**(row["final_metrics"] or {}), "eval_knn_top1": knn,
+                                                "eval_linear_top1": lin, "raw_pixel_knn_top1": floor})
     return 0
 
 
