@@ -26,6 +26,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/loss_speed.py
+	$(PY) benchmarks/views_speed.py
+	$(PY) benchmarks/knn_speed.py
+	$(PY) benchmarks/train_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
