@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from protoclr import atomic
 from protoclr import evaluate as ev
 from protoclr.data import class_groups
 
@@ -246,7 +247,7 @@ def test_write_json_atomic_is_strict_json(tmp_path):
     import json
 
     path = tmp_path / "eval.json"
-    ev.write_json_atomic({"knn": {"top1": 0.5, "groups": {"few": float("nan")}}, "wd": {1e-4: 0.3}}, path)
+    atomic.write_json(path, {"knn": {"top1": 0.5, "groups": {"few": float("nan")}}, "wd": {1e-4: 0.3}})
     assert json.loads(path.read_text()) == {"knn": {"top1": 0.5, "groups": {"few": None}}, "wd": {"0.0001": 0.3}}
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
 

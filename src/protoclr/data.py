@@ -22,7 +22,6 @@ import io
 import math
 import os
 import pickle
-import tempfile
 import threading
 import warnings
 import zipfile
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from protoclr import atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -371,18 +372,6 @@ def _cache_key(source: Path, **options: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def load_image_folder(
     root: str | Path | None = None,
     *,
@@ -467,7 +456,7 @@ def load_image_folder(
         del decoded
         if cache is not None:
             saved = {"images": images, "keep": keep, "bad": bad, "files": files, "classes": classes, "labels": labels}
-            _atomic_torch_save(saved, cache)
+            atomic.torch_save(saved, cache)
     if bad and on_bad == "error":
         raise _bad_files_error(bad, str(source))
     if bad:

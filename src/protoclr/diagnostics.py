@@ -854,8 +854,9 @@ def cli_main(argv: list[str]) -> int:
 
     from rich.console import Console
 
+    from protoclr.atomic import write_json
     from protoclr.data import load_dataset
-    from protoclr.evaluate import record_in_runs_db, write_json_atomic
+    from protoclr.evaluate import record_in_runs_db
     from protoclr.train import load_run
     from protoclr.views import view_spec
 
@@ -929,7 +930,7 @@ def cli_main(argv: list[str]) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     out_path = run_dir / "diagnostics.json"
-    write_json_atomic(record, out_path)
+    write_json(out_path, record)
     tag = "diag" if name == d.dataset else f"diag_{name}"
     flat = {tag + k.removeprefix("diag") if k.startswith("diag_") else k: v for k, v in scalars.items()}
     where = record_in_runs_db(run_dir, flat)

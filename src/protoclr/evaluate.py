@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from protoclr import atomic
 
 # Similarity block budget for kNN when no chunk size is given: rows * N * 4 bytes stays under this.
 _KNN_BLOCK_BYTES = 64 * 2**20
@@ -187,20 +188,6 @@ def _get_batch(data: Any, idx: Tensor) -> Tensor:
     )
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def feature_cache_path(
     cache_dir: str | os.PathLike, checkpoint: str | os.PathLike, *, split: str, feature: str = "backbone"
 ) -> Path:
@@ -270,7 +257,7 @@ def extract_features(
         chunks.append(out.flatten(1).float().cpu())  # (B, D)
     features = torch.cat(chunks)  # (N, D)
     if cache is not None:
-        atomic_save({"features": features, "labels": labels}, cache)
+        atomic.torch_save({"features": features, "labels": labels}, cache)
     return features, labels
 
 
@@ -513,34 +500,6 @@ def linear_probe_augmented(
 # CLI: protoclr evaluate RUN_DIR_OR_CHECKPOINT [--knn] [--linear cached|augmented] [--dataset NAME]
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``json.dump`` to a temporary file in the same folder, then ``os.replace`` onto ``path``.
-
-    NaN and infinities (e.g. the accuracy of an empty class group) are written as null: strict JSON.
-    """
-    import json
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, list | tuple):
-            return [clean(x) for x in v]
-        return v
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(clean(obj), fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _parser() -> Any:
     import argparse
 
@@ -673,7 +632,7 @@ def cli_main(argv: list[str]) -> int:
     }
     out_path = run_dir / "eval.json"
     previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    write_json_atomic({**previous, **record}, out_path)
+    atomic.write_json(out_path, {**previous, **record})
 
     tag = "eval" if name == d.dataset else f"eval_{name}"
     flat: dict[str, float] = {}

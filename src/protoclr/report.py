@@ -17,15 +17,15 @@ import base64
 import html
 import json
 import math
-import os
 import sqlite3
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from protoclr import atomic
 
 ACC = "eval_linear_top1"
 BIAS = "diag_bias_angle_deg"
@@ -583,26 +583,15 @@ def build_report(db_path: str | Path, *, title: str = "protoclr results", note: 
     return doc
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(db_path: str | Path, out: str | Path, *, title: str = "protoclr results", note: str = "") -> Path:
     """Write ``report.md`` + PNGs and ``report.html`` into ``out``; returns the markdown path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     doc = build_report(db_path, title=title, note=note)
     for name, png in doc.images.items():
-        _atomic_write(out / name, png)
-    _atomic_write(out / "report.md", doc.markdown().encode())
-    _atomic_write(out / "report.html", doc.html(title).encode())
+        atomic.write_bytes(out / name, png)
+    atomic.write_text(out / "report.md", doc.markdown())
+    atomic.write_text(out / "report.html", doc.html(title))
     return out / "report.md"
 
 

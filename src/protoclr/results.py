@@ -16,13 +16,14 @@ Statuses: ``running``, ``finished``, ``diverged``, ``failed``, ``interrupted``.
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from protoclr.atomic import json_clean
 
 STATUSES = ("running", "finished", "diverged", "failed", "interrupted")
 
@@ -48,17 +49,8 @@ CREATE TABLE IF NOT EXISTS epochs (
 
 
 def _json(value: Any) -> str:
-    # NaN / inf are not JSON; store them as null so every reader can parse the row.
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(value), sort_keys=True)
+    # NaN / inf are not JSON; stored as null so every reader can parse the row.
+    return json.dumps(json_clean(value), sort_keys=True)
 
 
 class ResultsDB:
