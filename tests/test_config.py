@@ -23,6 +23,7 @@ def test_yaml_then_overrides(tmp_path):
     f.write_text("train:\n  batch_size: 512\noptim:\n  base_lr: 0.3\n")
     cfg = load_config(f, ["optim.base_lr=0.6", "trainer.devices=8", "data.view_modifiers=[a, b]",
                           "loss.similarity=dot", "model.small_images=false"])
+    assert load_config(None, ["loss.similarity=neg_euclidean"]).loss.similarity == "neg_euclidean"
     assert cfg.train.batch_size == 512 and cfg.optim.base_lr == 0.6 and cfg.lr() == pytest.approx(1.2)
     assert cfg.trainer.devices == "8" and cfg.data.view_modifiers == ["a", "b"]
     assert cfg.loss.similarity == "dot" and cfg.model.small_images is False
@@ -48,6 +49,14 @@ def test_yaml_then_overrides(tmp_path):
         (["train.on_nonfinite=ignore"], "train.on_nonfinite"),
         (["data.num_views=1"], "data.num_views"),
         (["train.epochs"], "train.epochs"),
+        (["loss.nu=0"], "loss.nu"),
+        (["loss.chunk_size=-1"], "loss.chunk_size"),
+        (["data.class_profile=balanced"], "data.class_profile"),
+        (["data.longtail_profile=zipf"], "data.longtail_profile"),
+        (["data.imbalance_ratio=0.5"], "data.imbalance_ratio"),
+        (["monitor.track_views=1"], "monitor.track_views"),
+        (["monitor.track_every=0"], "monitor.track_every"),
+        (["monitor.track_bounds=yes please"], "monitor.track_bounds"),
     ],
 )
 def test_errors_name_the_key(overrides, key):
@@ -75,3 +84,10 @@ def test_shipped_configs_load_and_open_with_their_command(path):
     assert head.startswith("#") and "protoclr pretrain" in head and "accuracy" in head.lower()
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+
+
+def test_chunk_size_zero_is_automatic_in_the_loss():
+    from protoclr.train import build_loss
+
+    assert build_loss(load_config(None).loss).options["chunk_size"] is None  # None: the loss picks dense or tiled
+    assert build_loss(load_config(None, ["loss.chunk_size=64"]).loss).options["chunk_size"] == 64

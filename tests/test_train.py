@@ -23,7 +23,7 @@ from protoclr.config import LossConfig, load_config
 from protoclr.losses import LOSSES
 from protoclr.models import build_encoder
 from protoclr.results import ResultsDB
-from protoclr.train import LARS, TrainingDiverged, build_loss, cli_main, load_run, lr_schedule, pretrain
+from protoclr.train import LARS, TrainingDiverged, build_loss, cli_main, load_data, load_run, lr_schedule, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 # 256 images, batch 64 -> 4 steps per epoch; monitors on 256 bank images and 200 test images.
@@ -109,6 +109,35 @@ def test_smoke_two_epochs(full_run):
         assert torch.equal(v, ckpt.load(run / "checkpoint.pt")["model"][k])
     # the checkpoint file works as well as the folder
     assert load_run(run / "checkpoint.pt")[1] == cfg
+
+
+def test_class_profiles_set_the_training_counts(fashion_mnist_dir):
+    from protoclr.data import longtail_counts
+
+    base = ["data.train_subset=3000", "data.imbalance_ratio=10"]
+    sub = load_data(load_config(None, base))[0]
+    n_max = int(sub.class_counts(10).min())  # longtail's largest class: the subset's smallest class size
+    for profile in ("exp", "pareto"):
+        lt = load_data(load_config(None, [*base, "data.class_profile=longtail", f"data.longtail_profile={profile}"]))[0]
+        want = longtail_counts(n_max, 10, profile=profile, imbalance_ratio=10)
+        assert lt.class_counts(10).tolist() == want and 9.5 < want[0] / want[-1] < 10.5
+    lt = load_data(load_config(None, [*base, "data.class_profile=longtail"]))[0]
+    uni = load_data(load_config(None, [*base, "data.class_profile=uniform"]))[0]
+    counts = uni.class_counts(10)
+    assert int(counts.sum()) == len(lt) < len(sub) and int(counts.max() - counts.min()) <= 1
+
+
+def test_tracked_diagnostics_reach_metrics_and_db(tmp_path, fashion_mnist_dir):
+    run = pretrain(tiny(tmp_path, "train.run_name=tracked", "monitor.track_bounds=true", "monitor.track_bias=true",
+                        "monitor.track_every=2", "monitor.track_images=100", "monitor.track_views=2"))
+    epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["kind"] == "epoch"]
+    keys = ("diag_attraction_gap", "diag_repulsion_gap", "diag_bias_angle_deg", "diag_alignment")
+    assert not any(k in epochs[0] for k in keys)  # track_every=2: epoch 0 is not tracked
+    assert all(math.isfinite(epochs[1][k]) for k in keys)
+    assert 0 <= epochs[1]["diag_bias_angle_deg"] <= 180
+    db_epochs = ResultsDB(tmp_path / "runs.db").epochs("tracked")
+    assert all(db_epochs[1][k] == epochs[1][k] for k in keys)
 
 
 def test_resume_is_bit_identical(full_run, tmp_path):

@@ -35,6 +35,12 @@ class DataConfig:
     train_split: str = "train"  # split trained on (labels unused except by the online probe)
     test_split: str = "test"  # held-out labeled split for the online monitors
     train_subset: int = 0  # use the first N of a seeded permutation of the train split; 0 = all
+    # Class balance of the training set, applied after train_subset (protoclr.data.longtail / uniform_subset):
+    # none = as loaded; longtail = class c keeps n_max * profile(c) images (n_max = the smallest class);
+    # uniform = class-balanced at the same image budget as the long-tailed set (the fair comparison).
+    class_profile: str = "none"  # none | longtail | uniform
+    longtail_profile: str = "exp"  # exp (Cao et al. 2019, CIFAR-LT) | pareto (Liu et al. 2019, ImageNet-LT)
+    imbalance_ratio: float = 100.0  # largest / smallest class size for longtail (and uniform's budget)
     views: str = "simclr_small"  # protoclr.views preset (simclr | simclr_cifar | simclr_small)
     view_modifiers: list[str] = field(default_factory=list)  # protoclr.views modifiers applied to the preset
     num_views: int = 2  # V views per image
@@ -57,10 +63,13 @@ class LossConfig:
     name: str = "balanced"  # nt_xent | generalized_nt_xent | decoupled | balanced | supervised_prototype
     temperature: float = 0.5  # nt_xent, decoupled: tau (the similarity is divided by tau)
     alpha: float = 2.0  # generalized_nt_xent, balanced, supervised_prototype: inverse temperature
-    lam: float = 1.0  # generalized_nt_xent, balanced, supervised_prototype: weight of the uniformity term
-    nu: float = 1.0  # balanced: weight of the positives in the denominator
-    similarity: str = "cosine"  # cosine | dot (dot: unnormalized z, may diverge at large lr)
-    chunk_size: int = 0  # compute the similarity matrix in row chunks of this size; 0 = all at once
+    # The repulsion (log-sum-exp) term is weighted lam / nu (docs/losses.md, equation 2).
+    lam: float = 1.0  # generalized_nt_xent, balanced, supervised_prototype: weight of the repulsion term
+    nu: float = 1.0  # balanced: divides the repulsion weight (lam / nu); > 0
+    similarity: str = "cosine"  # cosine | dot | neg_euclidean (dot, neg_euclidean: unnormalized z; dot may
+    #                             diverge at a large lr)
+    chunk_size: int = 0  # anchors per tile of the exact tiled loss; 0 = automatic (dense up to
+    #                      losses.DENSE_MAX_ENTRIES similarity entries, tiles of losses.TILE_ROWS above)
     prototype_momentum: float = 0.9  # supervised_prototype: EMA momentum of the class prototype bank
 
 
@@ -100,6 +109,13 @@ class MonitorConfig:
     probe: bool = True  # online linear probe on detached backbone features of view 0
     probe_lr: float = 0.1  # SGD lr of the probe (no schedule)
     batch_size: int = 1024  # feature-extraction batch for the monitors
+    # In-training diagnostics (protoclr.diagnostics.track) on a fixed class-balanced probe set of the held-out
+    # split, logged as diag_* keys of the epoch records; cost: track_views * track_images encoder forwards.
+    track_bounds: bool = False  # attraction / repulsion bound terms and geometry
+    track_bias: bool = False  # prototype representation bias
+    track_every: int = 1  # epochs between tracked diagnostics (and always after the last)
+    track_images: int = 512  # probe images (class-balanced, at most C x the smallest class)
+    track_views: int = 4  # augmentations per probe image (>= 2)
 
 
 @dataclass
@@ -144,6 +160,10 @@ class Config:
             ("data.num_views", d.num_views >= 2, "must be >= 2"),
             ("data.train_subset", d.train_subset >= 0, "must be >= 0"),
             ("data.num_workers", d.num_workers >= 0, "must be >= 0"),
+            ("data.class_profile", d.class_profile in ("none", "longtail", "uniform"),
+             "must be one of none, longtail, uniform"),
+            ("data.longtail_profile", d.longtail_profile in ("exp", "pareto"), "must be exp or pareto"),
+            ("data.imbalance_ratio", d.imbalance_ratio >= 1, "must be >= 1 (largest / smallest class)"),
             ("model.norm", m.norm in ("batch", "group", "none"), "must be one of batch, group, none"),
             ("model.projector_layers", m.projector_layers >= 0, "must be >= 0"),
             ("model.projector_hidden_dim", m.projector_hidden_dim >= 1, "must be >= 1"),
@@ -151,8 +171,9 @@ class Config:
             ("loss.temperature", lo.temperature > 0, "must be > 0"),
             ("loss.alpha", lo.alpha > 0, "must be > 0"),
             ("loss.lam", lo.lam >= 0, "must be >= 0"),
-            ("loss.nu", lo.nu >= 0, "must be >= 0"),
-            ("loss.similarity", lo.similarity in ("cosine", "dot"), "must be cosine or dot"),
+            ("loss.nu", lo.nu > 0, "must be > 0 (it divides the repulsion weight)"),
+            ("loss.similarity", lo.similarity in ("cosine", "dot", "neg_euclidean"),
+             "must be one of cosine, dot, neg_euclidean"),
             ("loss.chunk_size", lo.chunk_size >= 0, "must be >= 0"),
             ("loss.prototype_momentum", 0 <= lo.prototype_momentum < 1, "must be in [0, 1)"),
             ("optim.name", o.name in ("sgd", "lars"), "must be sgd or lars"),
@@ -174,6 +195,9 @@ class Config:
             ("monitor.knn_temperature", mo.knn_temperature > 0, "must be > 0"),
             ("monitor.probe_lr", mo.probe_lr >= 0, "must be >= 0"),
             ("monitor.batch_size", mo.batch_size >= 1, "must be >= 1"),
+            ("monitor.track_every", mo.track_every >= 1, "must be >= 1"),
+            ("monitor.track_images", mo.track_images >= 2, "must be >= 2"),
+            ("monitor.track_views", mo.track_views >= 2, "must be >= 2 (the bounds pair an anchor with another view)"),
             ("trainer.num_nodes", self.trainer.num_nodes >= 1, "must be >= 1"),
         ]
         for key, ok, why in checks:

@@ -203,6 +203,12 @@ def load_data(cfg: Config, *, fake: bool = False):
     test = load_dataset(d.dataset, split=d.test_split, root=root, download=d.download)
     if d.train_subset and d.train_subset < len(train):
         train = train.subset(_seeded_perm(len(train), cfg.train.seed)[: d.train_subset].sort().values)
+    if d.class_profile != "none":
+        from protoclr.data import longtail, uniform_subset
+
+        lt = longtail(train, profile=d.longtail_profile, imbalance_ratio=d.imbalance_ratio, seed=cfg.train.seed)
+        # uniform: class-balanced at the long-tailed set's image budget, so the two differ only in balance
+        train = lt if d.class_profile == "longtail" else uniform_subset(train, total=len(lt), seed=cfg.train.seed)
     return train, test, spec
 
 
@@ -376,6 +382,12 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
 
     # ---- data, model, loss, optimizers, schedule
     train, test, spec = load_data(cfg, fake=dry_run)
+    mo = cfg.monitor
+    probe_set = None  # the fixed class-balanced set the in-training diagnostics read
+    if (mo.track_bounds or mo.track_bias) and not dry_run:
+        from protoclr.diagnostics import probe_subset
+
+        probe_set = probe_subset(test, size=mo.track_images, seed=0)
     B, Bl, V = tc.batch_size, tc.batch_size // W, cfg.data.num_views
     steps_per_epoch = len(train) // B  # the incomplete last batch is dropped
     if steps_per_epoch < 1:
@@ -580,6 +592,13 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
                                  "lr": float(lrs[step - 1]), "skips": skips}
                 if not dry_run and cfg.monitor.every and ((epoch + 1) % cfg.monitor.every == 0 or last):
                     epoch_metrics.update(run_monitors(raw_encoder, probe, train, test, spec, cfg, fabric))
+                if probe_set is not None and rank == 0 and ((epoch + 1) % mo.track_every == 0 or last):
+                    from protoclr.diagnostics import loss_alpha, track
+
+                    # nu=1: the same repulsion bound protoclr sweep records, whatever the loss's nu
+                    epoch_metrics.update(track(raw_encoder, probe_set, spec=spec, views=mo.track_views,
+                                               alphas=(loss_alpha(cfg.loss),), nus=(1.0,), bounds=mo.track_bounds,
+                                               bias=mo.track_bias, seed=tc.seed, device=fabric.device))
                 epoch, step_in_epoch = epoch + 1, 0
                 save(epoch, 0)
                 fabric.log_dict({f"epoch/{k}": v for k, v in epoch_metrics.items()}, step=step)
@@ -587,7 +606,8 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
                 if db is not None:
                     db.log_epoch(run_dir.name, epoch_metrics["epoch"], epoch_metrics)
                 fabric.print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in epoch_metrics.items()))
+                                        for k, v in epoch_metrics.items()))
+                sys.stdout.flush()  # one line per epoch reaches a log file (or a sweep worker's) as it happens
     except KeyboardInterrupt:
         finish("interrupted", epoch_metrics, "interrupted by the user; the last checkpoint resumes it")
         raise
@@ -690,6 +710,8 @@ def demo_main(argv: list[str]) -> int:
     raw_te = test.get_images(torch.arange(len(test))).flatten(1).float()
     mean = raw_tr.mean(0)
     floor = knn_accuracy(raw_tr - mean, y_tr, raw_te - mean, y_te, num_classes=C, k=200, temperature=0.1)["top1"]
+    # and the same cached linear probe on those pixels: the floor the linear-probe column is read against
+    floor_lin = linear_probe_cached(raw_tr - mean, y_tr, raw_te - mean, y_te, num_classes=C)["top1"]
     elapsed = time.perf_counter() - t0
 
     from rich.console import Console
@@ -699,7 +721,7 @@ def demo_main(argv: list[str]) -> int:
                   f"{cfg.train.epochs} epochs")
     for col in ("representation", "kNN top-1 (k=200)", "linear probe top-1"):
         table.add_column(col)
-    table.add_row("raw pixels (centered)", f"{100 * floor:.1f}%", "-")
+    table.add_row("raw pixels (centered)", f"{100 * floor:.1f}%", f"{100 * floor_lin:.1f}%")
     table.add_row(f"pretrained {cfg.model.backbone} features", f"{100 * knn:.1f}%", f"{100 * lin:.1f}%")
     console = Console()
     console.print(table)
@@ -707,7 +729,8 @@ def demo_main(argv: list[str]) -> int:
     db = ResultsDB(Path(cfg.train.out_dir) / "runs.db")
     row = db.get_run(run_dir.name)
     db.finish_run(run_dir.name, row["status"], {**(row["final_metrics"] or {}), "eval_knn_top1": knn,
-                                                "eval_linear_top1": lin, "raw_pixel_knn_top1": floor})
+                                                "eval_linear_top1": lin, "raw_pixel_knn_top1": floor,
+                                                "raw_pixel_linear_top1": floor_lin})
     return 0
 
 
