@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from protoclr import diagnose
 from protoclr import diagnostics as dg
 
 ALPHAS = (1.0, 2.0, 10.0, 20.0)
@@ -145,7 +146,7 @@ def test_track_is_deterministic_leaves_the_encoder_and_rng_alone_and_matches_the
 
 def test_history_reads_the_tracked_epochs(run):
     run_dir, _, _ = run
-    hist = dg.history(run_dir)
+    hist = diagnose.history(run_dir)
     assert [e for e, _ in hist["diag_attraction_gap"]] == [0, 1]
     assert [e for e, _ in hist["diag_repulsion_gap/alpha10_nu0.5"]] == [0, 1]
     assert "loss" not in hist and all(k.startswith("diag_") for k in hist)
@@ -156,7 +157,7 @@ def test_diagnose_cli_prints_writes_json_plots_and_records(run, capsys):
 
     run_dir, _, _ = run
     argv = [str(run_dir), "--probe-images", "200", "--views", "4", "--alphas", "2,10", "--nus", "1,0.5"]
-    assert dg.cli_main(argv) == 0
+    assert diagnose.cli_main(argv) == 0
     text = capsys.readouterr().out
     for what in ("prototype representation bias", "bound terms", "assumptions", "geometry", "nu=1 exceeds"):
         assert what in text
@@ -165,7 +166,7 @@ def test_diagnose_cli_prints_writes_json_plots_and_records(run, capsys):
     assert set(out["bounds"]["repulsion"]) == {"alpha=2,nu=1", "alpha=2,nu=0.5", "alpha=10,nu=1", "alpha=10,nu=0.5"}
     assert len(out["bias"]["backbone"]["normalized"]["per_class"]["angle_deg"]) == 10
     # the same probe set, views and seed as the last tracked epoch: the same numbers
-    last = {k: v[-1][1] for k, v in dg.history(run_dir).items()}
+    last = {k: v[-1][1] for k, v in diagnose.history(run_dir).items()}
     assert out["headline"]["diag_attraction_gap"] == pytest.approx(last["diag_attraction_gap"], rel=1e-5)
     assert out["plots"] == {
         "over_epochs": "diagnostics_over_epochs.png",
@@ -186,15 +187,15 @@ def test_diagnose_cli_says_so_when_nothing_was_tracked(run, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(run_dir / "checkpoint.pt", bare / "checkpoint.pt")  # no metrics.jsonl, no runs.db
-    assert dg.cli_main([str(bare / "checkpoint.pt"), "--probe-images", "100", "--views", "2"]) == 0
+    assert diagnose.cli_main([str(bare / "checkpoint.pt"), "--probe-images", "100", "--views", "2"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "no bound or bias terms were tracked" in text and "JSON file only" in text
     assert not (bare / "diagnostics_over_epochs.png").exists() and (bare / "diagnostics_bias_per_class.png").exists()
     assert "over_epochs" not in json.loads((bare / "diagnostics.json").read_text())["plots"]
     with pytest.raises(SystemExit):
-        dg.cli_main([str(tmp_path / "missing")])
+        diagnose.cli_main([str(tmp_path / "missing")])
     with pytest.raises(SystemExit):
-        dg.cli_main([str(bare), "--nus", "0,1"])
+        diagnose.cli_main([str(bare), "--nus", "0,1"])
 
 
 def test_probe_subset_is_balanced_and_fixed(run):

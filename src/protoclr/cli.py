@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("protoclr.train", "demo_main", "pretrain the CPU default, evaluate it, print a results table"),
     "pretrain": ("protoclr.train", "cli_main", "train an encoder without labels"),
     "evaluate": ("protoclr.evaluate", "cli_main", "kNN / linear probe of a run or checkpoint"),
-    "diagnose": ("protoclr.diagnostics", "cli_main", "prototype bias, bound terms and geometry of a run"),
+    "diagnose": ("protoclr.diagnose", "cli_main", "prototype bias, bound terms and geometry of a run"),
     "views": ("protoclr.views", "cli_main", "save a grid of images and their augmented views"),
     "sweep": ("protoclr.sweep", "cli_main", "grid x seeds of pretraining + evaluation runs, local workers or SLURM"),
     "report": ("protoclr.report", "cli_main", "HTML + markdown report of a runs.db against the paper's numbers"),
