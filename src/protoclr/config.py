@@ -22,6 +22,9 @@ from typing import Any
 
 import yaml
 
+# target.name values (the loop in protoclr.train implements each; docs/training.md describes them)
+TARGETS = ("shared", "stop_gradient", "momentum", "multi_view_mean")
+
 
 class ConfigError(ValueError):
     """A config key that is unknown, has the wrong type, or is out of range (the message names the key)."""
@@ -71,6 +74,19 @@ class LossConfig:
     chunk_size: int = 0  # anchors per tile of the exact tiled loss; 0 = automatic (dense up to
     #                      losses.DENSE_MAX_ENTRIES similarity entries, tiles of losses.TILE_ROWS above)
     prototype_momentum: float = 0.9  # supervised_prototype: EMA momentum of the class prototype bank
+
+
+@dataclass
+class TargetConfig:
+    # Where the loss's positives and candidates come from (docs/training.md, "The target branch"); the anchors
+    # are always the online encoder's z. Orthogonal to loss.name (contrastive losses; not supervised_prototype).
+    name: str = "shared"  # shared (SimCLR: one encoder, gradient through both sides) | stop_gradient (target
+    #                       side detached) | momentum (EMA copy of backbone + projector) | multi_view_mean (V > 2:
+    #                       each anchor is pulled to the mean of its image's other views; repulsion unchanged)
+    momentum_start: float = 0.99  # momentum: EMA coefficient at step 0, cosine-scheduled to 1.0 at the end
+    #                               (BYOL: 0.996, MoCo v3: 0.99); lower = the target follows the online net faster
+    queue_size: int = 0  # past target rows kept as extra negatives (MoCo, FIFO, V x batch rows enter per
+    #                      step); 0 = no queue. Needs a loss with candidates from every view (not balanced)
 
 
 @dataclass
@@ -137,6 +153,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -199,6 +216,21 @@ class Config:
             ("monitor.track_images", mo.track_images >= 2, "must be >= 2"),
             ("monitor.track_views", mo.track_views >= 2, "must be >= 2 (the bounds pair an anchor with another view)"),
             ("trainer.num_nodes", self.trainer.num_nodes >= 1, "must be >= 1"),
+        ]
+        tg = self.target
+        checks += [
+            ("target.name", tg.name in TARGETS, f"must be one of {', '.join(TARGETS)}"),
+            ("target.momentum_start", 0 <= tg.momentum_start <= 1, "must be in [0, 1]"),
+            ("target.queue_size", tg.queue_size >= 0, "must be >= 0"),
+            ("target.name", tg.name != "multi_view_mean" or d.num_views > 2,
+             f"multi_view_mean needs data.num_views > 2 (with 2 views the mean of the other views is the one other "
+             f"view: that is target.name=shared); data.num_views is {d.num_views}"),
+            ("target.name", tg.name == "shared" or lo.name != "supervised_prototype",
+             "loss.name=supervised_prototype pulls toward class prototypes, not toward a target branch; "
+             "use target.name=shared"),
+            ("target.queue_size", tg.queue_size == 0 or lo.name not in ("balanced", "supervised_prototype"),
+             f"a queue adds negatives to candidates drawn from every view (negatives='all': nt_xent, "
+             f"generalized_nt_xent, decoupled); loss.name={lo.name} does not use them"),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -304,6 +336,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 __all__ = [
+    "TARGETS",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -311,6 +344,7 @@ __all__ = [
     "ModelConfig",
     "MonitorConfig",
     "OptimConfig",
+    "TargetConfig",
     "TrainConfig",
     "TrainerConfig",
     "apply_overrides",

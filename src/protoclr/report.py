@@ -577,6 +577,7 @@ def build_report(db_path: str | Path, *, title: str = "protoclr results", note: 
     section_augmentation(doc, groups)
     _bar_section(doc, groups, "similarity", "Similarity measure", "")
     _bar_section(doc, groups, "class_balance", "Class balance", "")
+    _bar_section(doc, groups, "targets", "Prototype estimators (target branch)", "configs/cpu/targets.yaml runs it.")
     section_bounds(doc, groups)
     section_training(doc, groups)
     section_all(doc, groups, counts)

@@ -52,7 +52,7 @@ import yaml
 from protoclr.config import Config, ConfigError, apply_overrides, config_from_dict
 
 # What protoclr.report draws for a sweep; "" = training curves only.
-STUDIES = ("", "loss_balance", "augmentation", "similarity", "class_balance", "bounds")
+STUDIES = ("", "loss_balance", "augmentation", "similarity", "class_balance", "bounds", "targets")
 SWEEP_FILE_KEYS = ("base", "study", "seeds", "overrides", "grid", "evaluate", "name")
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 600.0  # a claim from another host is taken over after this long without a heartbeat

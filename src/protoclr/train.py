@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,22 +103,132 @@ def lr_schedule(*, peak: float, total_steps: int, warmup_steps: int, final: floa
 # loss
 
 
+def contrastive_preset(cfg: LossConfig) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
+    """``(fn, kwargs)``: the preset function of a contrastive ``loss.name`` and its keyword arguments.
+
+    The loop calls ``fn(z, target=..., queue=..., **kwargs)`` with ``z`` (V, B, D), so every target branch
+    and the queue run through the same loss code (dense, tiled and gathered paths included).
+    """
+    from protoclr import losses as L
+
+    opts: dict[str, Any] = dict(similarity=cfg.similarity, chunk_size=cfg.chunk_size or None)  # 0 -> automatic
+    presets: dict[str, tuple[Callable[..., torch.Tensor], dict[str, Any]]] = {
+        "nt_xent": (L.nt_xent_loss, dict(temperature=cfg.temperature)),
+        "generalized_nt_xent": (L.generalized_nt_xent_loss, dict(alpha=cfg.alpha, lam=cfg.lam)),
+        "decoupled": (L.decoupled_contrastive_loss, dict(temperature=cfg.temperature)),
+        "balanced": (L.balanced_contrastive_loss, dict(alpha=cfg.alpha, lam=cfg.lam, nu=cfg.nu)),
+    }
+    if cfg.name not in presets:
+        raise ConfigError(f"loss.name: {cfg.name!r} is not a contrastive loss; choose one of {sorted(presets)}")
+    fn, hparams = presets[cfg.name]
+    return fn, {**hparams, **opts}
+
+
 def build_loss(cfg: LossConfig) -> nn.Module:
     """The loss module named by ``cfg.name`` with the parameters that loss takes (losses.LOSSES)."""
     from protoclr import losses as L
 
-    opts: dict[str, Any] = dict(similarity=cfg.similarity, chunk_size=cfg.chunk_size or None)
-    if cfg.name == "nt_xent":
-        return L.NTXentLoss(temperature=cfg.temperature, **opts)
-    if cfg.name == "generalized_nt_xent":
-        return L.GeneralizedNTXentLoss(alpha=cfg.alpha, lam=cfg.lam, **opts)
-    if cfg.name == "decoupled":
-        return L.DecoupledContrastiveLoss(temperature=cfg.temperature, **opts)
-    if cfg.name == "balanced":
-        return L.BalancedContrastiveLoss(alpha=cfg.alpha, lam=cfg.lam, nu=cfg.nu, **opts)
     if cfg.name == "supervised_prototype":
         return L.SupervisedPrototypeLoss(lam=cfg.lam, alpha=cfg.alpha, similarity=cfg.similarity)
-    raise ConfigError(f"loss.name: unknown loss {cfg.name!r}; choose one of {sorted(L.LOSSES)}")
+    if cfg.name not in L.LOSSES:
+        raise ConfigError(f"loss.name: unknown loss {cfg.name!r}; choose one of {sorted(L.LOSSES)}")
+    _, kwargs = contrastive_preset(cfg)
+    return L.LOSSES[cfg.name](**kwargs)
+
+
+def attraction_weight(cfg: LossConfig) -> float:
+    """The factor ``c`` of the attraction term ``-c * s(a, p)`` in a contrastive loss's per-anchor value:
+    ``alpha`` (``1/temperature``), or 1 for ``balanced``, whose ``1/alpha`` scale cancels it."""
+    if cfg.name == "balanced":
+        return 1.0
+    return 1.0 / cfg.temperature if cfg.name in ("nt_xent", "decoupled") else cfg.alpha
+
+
+# ----------------------------------------------------------------------------------------------------------
+# target branch: which estimate of the image's surrogate prototype the anchors are pulled toward
+
+
+def momentum_schedule(*, start: float, total_steps: int) -> torch.Tensor:
+    """(total_steps,) float64: ``m_k = 1 - (1 - start) * (cos(pi k / K) + 1) / 2``, from ``start`` toward 1
+    (BYOL, Grill et al. 2020, section 3.2; MoCo v3). ``m_k`` is used for the update after optimizer step k."""
+    k = torch.arange(total_steps, dtype=torch.float64)
+    return 1 - (1 - start) * (torch.cos(math.pi * k / total_steps) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, *, momentum: float) -> None:
+    """``p_target <- momentum * p_target + (1 - momentum) * p_online`` for every parameter (in place).
+
+    Buffers (BatchNorm running statistics) are not averaged: the target encoder keeps its own, updated by its
+    forward passes in train mode, as MoCo's key encoder does.
+    """
+    for pt, po in zip(target.parameters(), online.parameters(), strict=True):
+        pt.mul_(momentum).add_(po.detach(), alpha=1 - momentum)
+
+
+def enqueue(queue: torch.Tensor, rows: torch.Tensor, *, size: int) -> torch.Tensor:
+    """FIFO queue ``(<= size, D)``, oldest row first: ``rows`` (N, D) enter at the end, the oldest leave."""
+    return torch.cat([queue, rows.detach().to(queue.dtype)])[-size:]
+
+
+def mean_target_attraction(z: torch.Tensor, *, similarity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pairwise, to_mean)``, both (V, B), for anchors ``z`` (V, B, D) and their image's other views.
+
+    ``pairwise[v, i] = mean_{w != v} s(z[v, i], z[w, i])``: the attraction the loss computes (a second view is
+    a one-sample estimate of the surrogate prototype). ``to_mean[v, i] = s(z[v, i], mu[v, i])`` with
+    ``mu[v, i] = mean_{w != v} z[w, i]``, the rows L2-normalized first for cosine (the prototype of normalized
+    representations, docs/losses.md step 1): the direct estimate. For ``dot`` the two coincide; for cosine and
+    ``neg_euclidean`` Jensen's inequality gives ``to_mean >= pairwise``.
+    """
+    V = z.shape[0]
+    u = F.normalize(z.float(), dim=-1) if similarity == "cosine" else z.float()
+    others = u.sum(0, keepdim=True) - u  # (V, B, D): sum over the other views of each image
+
+    def s(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # a, b (..., D) -> (...)
+        if similarity == "neg_euclidean":  # as the loss: clamp before the root so the gradient stays finite
+            return -(a.pow(2).sum(-1) + b.pow(2).sum(-1) - 2 * (a * b).sum(-1)).clamp_min(1e-30).sqrt()
+        return (a * b).sum(-1)
+
+    if similarity == "neg_euclidean":
+        pairwise = torch.stack([sum(s(u[v], u[w]) for w in range(V) if w != v) for v in range(V)]) / (V - 1)
+    else:
+        pairwise = s(u, others) / (V - 1)
+    mu = others / (V - 1)
+    to_mean = s(u, F.normalize(mu, dim=-1)) if similarity == "cosine" else s(u, mu)
+    return pairwise, to_mean
+
+
+def target_side(name: str, z: torch.Tensor, x: torch.Tensor, target_encoder: nn.Module | None) -> torch.Tensor | None:
+    """The loss's target side (V, Bl, D) for anchors ``z`` (V, Bl, D) computed from views ``x`` (V*Bl, C, s, s).
+
+    ``None`` (z itself, gradient through both sides) for shared and multi_view_mean; ``z.detach()`` for
+    stop_gradient; for momentum the EMA encoder's projections of the same views, computed without a graph.
+    """
+    if name == "stop_gradient":
+        return z.detach()
+    if name == "momentum":
+        assert target_encoder is not None
+        with torch.no_grad():
+            return target_encoder(x)[1].view_as(z)  # (V*Bl, D) -> (V, Bl, D)
+    return None
+
+
+def contrastive_step_loss(fn: Callable[..., torch.Tensor], kwargs: dict[str, Any], z: torch.Tensor, *,
+                          target_name: str, target: torch.Tensor | None, queue: torch.Tensor | None,
+                          weight: float) -> torch.Tensor:
+    """The loop's contrastive loss for anchors ``z`` (V, Bl, D) and a target branch.
+
+    ``target`` (V, Bl, D) or None (``z`` itself) supplies positives and candidates; ``queue`` (Q, D) extra
+    negatives. ``multi_view_mean`` replaces each anchor's attraction ``-c * mean_w s(a, t_w)`` by
+    ``-c * s(a, mean_w t_w)`` (``c = weight``, :func:`attraction_weight`) and keeps the loss's repulsion:
+    ``loss + c * mean_a (pairwise - to_mean)``. The local mean is the loss's own normalization when every rank
+    holds ``Bl = B / W`` images, which the loop guarantees.
+    """
+    loss = fn(z, target=target, queue=queue, **kwargs)
+    if target_name == "multi_view_mean":
+        pairwise, to_mean = mean_target_attraction(z, similarity=kwargs["similarity"])
+        loss = loss + weight * (pairwise - to_mean).mean()
+    return loss
 
 
 def _likely_cause(cfg: Config) -> str:
@@ -282,7 +393,7 @@ def _run_name(cfg: Config) -> str:
 
 
 # What must match between a run's saved config and the one resuming it (the rest may change, e.g. devices).
-_RESUME_FIXED = ("data", "model", "loss", "optim", "train.epochs", "train.batch_size", "train.seed")
+_RESUME_FIXED = ("data", "model", "loss", "target", "optim", "train.epochs", "train.batch_size", "train.seed")
 
 
 def _check_resumable(saved: Config, cfg: Config) -> None:
@@ -412,6 +523,12 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
     if on_gpu and W > 1 and cfg.trainer.sync_batchnorm and cfg.model.norm == "batch":
         encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
     raw_encoder = encoder  # what checkpoints hold (no DDP / compile wrapper)
+    tg = cfg.target
+    contrastive, loss_kw = contrastive_preset(cfg.loss) if bank is None else (None, {})
+    # momentum: an EMA copy of backbone + projector, never trained by the optimizer; the loop updates it
+    target_encoder = copy.deepcopy(raw_encoder).requires_grad_(False) if tg.name == "momentum" else None
+    momentums = momentum_schedule(start=tg.momentum_start, total_steps=total_steps)  # indexed by step
+    queue = torch.zeros(0, encoder.out_dim) if tg.queue_size else None  # (<= queue_size, D), oldest first
     optimizer = build_optimizer(encoder, cfg.optim, lr=float(lrs[0]))
     probe_opt = torch.optim.SGD(probe.parameters(), lr=cfg.monitor.probe_lr, momentum=0.9)
 
@@ -425,6 +542,10 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
         probe_opt.load_state_dict(state["probe_optimizer"])
         if bank is not None:
             bank.load_state_dict(state["bank"])
+        if target_encoder is not None:
+            target_encoder.load_state_dict(state["target"]["encoder"])
+        if queue is not None:
+            queue = state["target"]["queue"]
         fabric.strategy.precision.load_state_dict(state["precision"])
         epoch, step_in_epoch, step, skips = state["epoch"], state["step_in_epoch"], state["step"], state["skips"]
         loss_sum, loss_n = state["epoch_loss"]
@@ -442,6 +563,14 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
     probe_m, probe_opt = fabric.setup(probe, probe_opt)
     if bank is not None:
         bank = bank.to(fabric.device)
+    if target_encoder is not None:
+        target_encoder = fabric.to_device(target_encoder)
+        if on_gpu and cfg.trainer.channels_last:
+            target_encoder = target_encoder.to(memory_format=torch.channels_last)
+    if queue is not None:
+        queue = queue.to(fabric.device)
+    # what a skipped step restores: BatchNorm statistics its forward passes changed
+    stateful = [raw_encoder] + ([target_encoder] if target_encoder is not None else [])
 
     db = None
     if not dry_run and rank == 0:
@@ -469,6 +598,9 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
                 "model": raw_encoder.state_dict(), "probe": probe.state_dict(),
                 "optimizer": optimizer.state_dict(), "probe_optimizer": probe_opt.state_dict(),
                 "bank": bank.state_dict() if bank is not None else {},
+                "target": {"encoder": target_encoder.state_dict() if target_encoder is not None else {},
+                           "momentum": momentums, "step": step,  # the schedule and its position
+                           "queue": queue.cpu() if queue is not None else None},
                 "precision": fabric.strategy.precision.state_dict(),
                 "scheduler": {"lr": lrs, "step": step}, "rng": ckpt.rng_state(),
                 "epoch": ep, "step_in_epoch": k, "step": step, "skips": skips,
@@ -525,7 +657,7 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
                     if on_gpu and cfg.trainer.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     if tc.on_nonfinite == "skip":
-                        buffers_backup = [b.detach().clone() for b in raw_encoder.buffers()]
+                        buffers_backup = [b.detach().clone() for m in stateful for b in m.buffers()]
                     h, z = model(x)  # (V*Bl, F), (V*Bl, D)
                     z = z.view(V, Bl, -1)  # (V, Bl, D)
                     if bank is not None:
@@ -533,7 +665,11 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
                         bank.update(all_gather_no_grad(zf), all_gather_no_grad(yf))  # the loop owns the bank
                         loss = loss_fn(z.flatten(0, 1), labels.repeat(V), bank.prototypes)
                     else:
-                        loss = loss_fn(*z.unbind(0))
+                        with fabric.autocast():
+                            t = target_side(tg.name, z, x, target_encoder)  # (V, Bl, D) or None (z itself)
+                        loss = contrastive_step_loss(contrastive, loss_kw, z, target_name=tg.name, target=t,
+                                                     queue=queue if queue is not None and len(queue) else None,
+                                                     weight=attraction_weight(cfg.loss))
                     probe_loss = F.cross_entropy(probe_m(h[:Bl].detach().float()), labels)
                     fabric.backward(loss + probe_loss)
                     grads = [p.grad for p in raw_encoder.parameters() if p.grad is not None]
@@ -551,7 +687,8 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
                             skips += 1
                             assert buffers_backup is not None
                             with torch.no_grad():
-                                for b, saved in zip(raw_encoder.buffers(), buffers_backup, strict=True):
+                                for b, saved in zip([b for m in stateful for b in m.buffers()], buffers_backup,
+                                                    strict=True):
                                     b.copy_(saved)
                             fabric.print(f"skipping: {msg} ({skips} skipped so far)")
                             log({"kind": "skip", "step": step, "epoch": epoch, "message": msg})
@@ -567,6 +704,12 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
                         g["lr"] = float(lrs[step])
                     optimizer.step()
                     probe_opt.step()
+                    if target_encoder is not None:
+                        ema_update(target_encoder, raw_encoder, momentum=float(momentums[step]))
+                    if queue is not None:  # this step's targets, all ranks in global batch order, enter the queue
+                        rows = (z if t is None else t).detach().transpose(0, 1)  # (Bl, V, D)
+                        rows = all_gather_no_grad(rows).transpose(0, 1).flatten(0, 1)  # (B, V, D) -> (V*B, D)
+                        queue = enqueue(queue, rows, size=tg.queue_size)
                     optimizer.zero_grad(set_to_none=True)
                     probe_opt.zero_grad(set_to_none=True)
                     step, step_in_epoch = step + 1, step_in_epoch + 1
@@ -734,8 +877,28 @@ def demo_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["LARS", "FakeImages", "TrainingDiverged", "build_loss", "build_optimizer", "cli_main", "demo_main",
-           "epoch_order", "load_data", "load_run", "lr_schedule", "pretrain"]
+__all__ = [
+    "LARS",
+    "FakeImages",
+    "TrainingDiverged",
+    "attraction_weight",
+    "build_loss",
+    "build_optimizer",
+    "cli_main",
+    "contrastive_preset",
+    "contrastive_step_loss",
+    "demo_main",
+    "ema_update",
+    "enqueue",
+    "epoch_order",
+    "load_data",
+    "load_run",
+    "lr_schedule",
+    "mean_target_attraction",
+    "momentum_schedule",
+    "pretrain",
+    "target_side",
+]
 
 if __name__ == "__main__":
     sys.exit(cli_main(sys.argv[1:]))
