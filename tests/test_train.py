@@ -264,3 +264,14 @@ def test_two_gloo_processes_match_one(tmp_path, fashion_mnist_dir):
     for group in a:
         for k in a[group]:
             torch.testing.assert_close(a[group][k], b[group][k], rtol=1e-4, atol=1e-5, msg=f"{group}.{k}")
+
+
+def test_monitors_score_a_draw_of_every_class_of_a_class_sorted_split():
+    from protoclr.train import held_out_indices
+
+    labels = torch.arange(10).repeat_interleave(1000)  # stored in class order, as the CIFAR-10 copy
+    idx = held_out_indices(len(labels), samples=1000)
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert len(idx) == 1000 and bool((idx.diff() > 0).all()) and int(counts.min()) >= 70
+    assert torch.equal(idx, held_out_indices(len(labels), samples=1000))  # the same images for every run
+    assert torch.equal(held_out_indices(50, samples=0), torch.arange(50))

@@ -121,7 +121,7 @@ class MonitorConfig:
     knn_k: int = 200  # weighted kNN (Wu et al. 2018) on backbone features
     knn_temperature: float = 0.1
     knn_train_samples: int = 10000  # train images forming the kNN bank; 0 = all
-    test_samples: int = 0  # held-out images scored; 0 = all
+    test_samples: int = 0  # held-out images scored (a fixed seeded draw, all classes); 0 = all
     probe: bool = True  # online linear probe on detached backbone features of view 0
     probe_lr: float = 0.1  # SGD lr of the probe (no schedule)
     batch_size: int = 1024  # feature-extraction batch for the monitors

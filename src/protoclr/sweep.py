@@ -478,7 +478,9 @@ def _final_probes(encoder, train, test, spec, cfg: Config, opts: EvalOptions) ->
         g = torch.Generator().manual_seed(cfg.train.seed + 2)
         train = train.subset(torch.randperm(len(train), generator=g)[: opts.train_images].sort().values)
     if opts.test_images and opts.test_images < len(test):
-        test = test.subset(torch.arange(opts.test_images))
+        from protoclr.train import held_out_indices  # a seeded draw: the CIFAR-10 copy is stored in class order
+
+        test = test.subset(held_out_indices(len(test), samples=opts.test_images))
     C = len(test.classes)
 
     def prep(x):

@@ -347,6 +347,15 @@ def extract(backbone: nn.Module, data, indices: torch.Tensor, spec, fabric, *, b
     return f.cpu()
 
 
+def held_out_indices(n: int, *, samples: int) -> torch.Tensor:
+    """Sorted indices of the ``samples`` held-out images the monitors score (0 = all ``n``): a fixed seeded draw,
+    the same for every run, since a split stored in class order (the CIFAR-10 copy) has one class in its first
+    rows."""
+    if not samples or samples >= n:
+        return torch.arange(n)
+    return _seeded_perm(n, 0)[:samples].sort().values
+
+
 def run_monitors(encoder: Encoder, probe: nn.Module, train, test, spec, cfg: Config, fabric) -> dict[str, float]:
     """Weighted kNN top-1 on backbone features and the online probe's top-1, both on the held-out split."""
     from protoclr.evaluate import knn_accuracy
@@ -354,7 +363,7 @@ def run_monitors(encoder: Encoder, probe: nn.Module, train, test, spec, cfg: Con
     m = cfg.monitor
     bank_idx = _seeded_perm(len(train), cfg.train.seed + 1)
     bank_idx = (bank_idx[: m.knn_train_samples] if m.knn_train_samples else bank_idx).sort().values
-    test_idx = torch.arange(len(test))[: m.test_samples or None]
+    test_idx = held_out_indices(len(test), samples=m.test_samples)
     was_training = encoder.training
     encoder.eval()
     try:
