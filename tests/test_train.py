@@ -142,17 +142,27 @@ def test_tracked_diagnostics_reach_metrics_and_db(tmp_path, fashion_mnist_dir):
 
 def test_resume_is_bit_identical(full_run, tmp_path):
     out = full_run.parent
+    seen = []
+
+    def on_epoch_end(encoder, metrics):  # consumes RNG and switches mode: the loop must undo both
+        seen.append(metrics["epoch"])
+        encoder.eval()
+        torch.randn(100)
+        return {"callback_norm": float(sum(p.detach().norm() for p in encoder.parameters()))}
+
     part = pretrain(tiny(out, "train.run_name=part", "train.checkpoint_every=3", "train.max_steps=3"))
     state = ckpt.load(part / "checkpoint.pt")
     assert (state["epoch"], state["step_in_epoch"], state["step"]) == (0, 3, 3)  # stopped inside epoch 0
     assert ResultsDB(out / "runs.db").get_run("part")["status"] == "interrupted"
-    pretrain(tiny(out, "train.run_name=part", "train.checkpoint_every=3"))  # same name: resumes
+    pretrain(tiny(out, "train.run_name=part", "train.checkpoint_every=3"), on_epoch_end=on_epoch_end)  # resumes
+    assert seen == [0, 1]
     a, b = weights(full_run), weights(part)
     for group in a:
         for k in a[group]:
             assert torch.equal(a[group][k], b[group][k]), f"{group}.{k} differs after resume"
     ea = [e for e in ResultsDB(out / "runs.db").epochs("full")]
     eb = [e for e in ResultsDB(out / "runs.db").epochs("part")]
+    assert all(math.isfinite(e.pop("callback_norm")) for e in eb)  # the callback's scalars joined each epoch
     assert ea == eb  # identical per-epoch metrics, including the epoch that was interrupted
     # a run cannot be resumed under a different recipe
     with pytest.raises(ValueError, match=r"optim\.base_lr"):

@@ -468,11 +468,16 @@ def _fabric(cfg: Config, run_dir: Path | None):
     return fabric, on_gpu
 
 
-def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
+def pretrain(cfg: Config, *, dry_run: bool = False,
+             on_epoch_end: Callable[[Encoder, dict[str, Any]], dict[str, Any] | None] | None = None) -> Path:
     """Train ``cfg``'s encoder; returns the run folder. Resumes when the folder already holds a checkpoint.
 
     ``dry_run``: the full model and view size on fake data, a global batch of at most 8 (so that a big config
     fits a small machine), two steps; no run folder is kept and no database row written.
+    ``on_epoch_end(encoder, metrics)``: called on rank 0 after each epoch's monitors with the online encoder
+    (no DDP wrapper) and the epoch's metrics so far; the scalars it returns join the epoch record
+    (``metrics.jsonl``, ``runs.db``, loggers) before the checkpoint of the epoch end is written. The Python and
+    torch RNG states and the encoder's train/eval mode are restored after it, so it cannot perturb the run.
     Raises :class:`TrainingDiverged` when a non-finite loss or gradient stops the run.
     """
     cfg.validate()
@@ -751,6 +756,11 @@ def pretrain(cfg: Config, *, dry_run: bool = False) -> Path:
                     epoch_metrics.update(track(raw_encoder, probe_set, spec=spec, views=mo.track_views,
                                                alphas=(loss_alpha(cfg.loss),), nus=(1.0,), bounds=mo.track_bounds,
                                                bias=mo.track_bias, seed=tc.seed, device=fabric.device))
+                if on_epoch_end is not None and rank == 0 and not dry_run:
+                    rng, was_training = ckpt.rng_state(), raw_encoder.training
+                    epoch_metrics.update(on_epoch_end(raw_encoder, dict(epoch_metrics)) or {})
+                    ckpt.set_rng_state(rng)
+                    raw_encoder.train(was_training)
                 epoch, step_in_epoch = epoch + 1, 0
                 save(epoch, 0)
                 fabric.log_dict({f"epoch/{k}": v for k, v in epoch_metrics.items()}, step=step)
