@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py                 # CPU default (Fashion-MNIST, convnet, batch 256)
     python benchmarks/train_speed.py train.batch_size=512 model.backbone=resnet18
+    python benchmarks/train_speed.py loss.name=generalized_nt_xent target.name=momentum target.queue_size=1024
 
 Loop: ``protoclr.train.pretrain`` for ``--steps`` steps (monitors off, logging every step); its images/s is
 the median of the per-step rates after ``--warmup`` steps, counting dataset images (each gives V views).
@@ -62,7 +63,8 @@ def main() -> None:
     bare = statistics.median(before + after)
     train = statistics.median(loop)
     print(f"config: {cfg.model.backbone}, batch {cfg.train.batch_size} x {cfg.data.num_views} views, "
-          f"{cfg.data.views} views, {cfg.loss.name} loss, {torch.get_num_threads()} threads")
+          f"{cfg.data.views} views, {cfg.loss.name} loss, target {cfg.target.name} (queue {cfg.target.queue_size}), "
+          f"{torch.get_num_threads()} threads")
     print(f"pretraining loop        : {train:8.0f} img/s  (median of {len(loop)} steps)")
     print(f"bare forward + backward : {bare:8.0f} img/s  (median of {len(before) + len(after)} steps)")
     print(f"ratio                   : {train / bare:8.3f}  (target >= 0.85)")
