@@ -49,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from protoclr import atomic
 from protoclr.config import Config, ConfigError, apply_overrides, config_from_dict
 
 # What protoclr.report draws for a sweep; "" = training curves only.
@@ -606,7 +607,7 @@ def run_local(db_path: Path, ids: list[str], *, workers: int, retry_failed: bool
     taken over through the stale claim) while claimable runs remain."""
     log_dir.mkdir(parents=True, exist_ok=True)
     plan = log_dir / f"plan-{os.getpid()}.json"
-    _atomic_write(plan, json.dumps(ids))
+    atomic.write_text(plan, json.dumps(ids))
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PROTOCLR_SWEEP_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "protoclr.sweep", "_worker", str(db_path), str(plan)]
@@ -644,20 +645,6 @@ def run_local(db_path: Path, ids: list[str], *, workers: int, retry_failed: bool
         raise
     finally:
         plan.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -857,9 +844,9 @@ def cli_main(argv: list[str]) -> int:
         scripts = slurm_scripts(todo, out=out, partition=args.slurm_partition, time_min=args.slurm_time,
                                 gpus=args.slurm_gpus, cpus=args.slurm_cpus, setup=args.slurm_setup)
         for name, text in scripts.items():
-            _atomic_write(out / "slurm" / name, text)
+            atomic.write_text(out / "slurm" / name, text)
         submit = "\n".join(f"sbatch {out / 'slurm' / n}" for n in scripts)
-        _atomic_write(out / "slurm" / "submit_all.sh", "#!/bin/bash\nset -e\n" + submit + "\n")
+        atomic.write_text(out / "slurm" / "submit_all.sh", "#!/bin/bash\nset -e\n" + submit + "\n")
         print(f"wrote {len(scripts)} sbatch scripts to {out / 'slurm'}; submit with `bash "
               f"{out / 'slurm' / 'submit_all.sh'}`, then `protoclr sweep --merge {out}`")
         return 0
