@@ -6,21 +6,18 @@ Unit checks on a tiny encoder; loop checks on the Fashion-MNIST subset of tests/
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from loss_oracle import logsumexp, sim
 from test_train import TINY, tiny
+from twoproc import pretrain_one_and_two
 
 from protoclr import checkpoint as ckpt
 from protoclr.config import ConfigError, LossConfig, ModelConfig, load_config
 from protoclr.models import build_encoder
 from protoclr.train import (
     attraction_weight,
-    cli_main,
     contrastive_preset,
     contrastive_step_loss,
     ema_update,
@@ -185,13 +182,7 @@ def test_queue_and_ema_match_across_two_gloo_processes(tmp_path, fashion_mnist_d
     EMA encoder match one process with batch 64 (group norm: batch-independent statistics)."""
     common = [*TINY, *MQ, "model.norm=group", "train.max_steps=2", f"train.out_dir={tmp_path}",
               "trainer.accelerator=cpu"]
-    assert cli_main([*common, "train.run_name=one"]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "protoclr.cli", "pretrain", *common, "train.run_name=two", "trainer.devices=2",
-           "trainer.strategy=ddp"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pretrain_one_and_two(common)
     a, b = ckpt.load(tmp_path / "one" / "checkpoint.pt"), ckpt.load(tmp_path / "two" / "checkpoint.pt")
     assert b["target"]["queue"].shape == (200, 32)
     torch.testing.assert_close(a["target"]["queue"], b["target"]["queue"], rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from twoproc import pretrain_one_and_two
 
 from protoclr import checkpoint as ckpt
 from protoclr.config import LossConfig, load_config
@@ -261,13 +262,7 @@ def test_two_gloo_processes_match_one(tmp_path, fashion_mnist_dir):
     """
     common = [*TINY, "model.norm=group", "train.max_steps=3", "monitor.every=0", f"train.out_dir={tmp_path}",
               "trainer.accelerator=cpu", "trainer.loggers=[]"]
-    assert cli_main([*common, "train.run_name=one"]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "protoclr.cli", "pretrain", *common, "train.run_name=two", "trainer.devices=2",
-           "trainer.strategy=ddp"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pretrain_one_and_two(common)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert ckpt.load(tmp_path / "two" / "checkpoint.pt")["step"] == 3
     assert json.loads((tmp_path / "two" / "meta.json").read_text())["world_size"] == 2
