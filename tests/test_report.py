@@ -44,7 +44,8 @@ def _add(db_path: Path, sweep: str, study: str, point: dict, seed: int, config: 
                               "diag_attraction_sup": -0.5, "diag_attraction_surrogate": -0.6 - 0.01 * e,
                               "diag_attraction_ssl": -0.55, "diag_attraction_gap": 0.05 / (e + 1),
                               "diag_repulsion_sup": 0.4, "diag_repulsion_ssl": 1.2, "diag_repulsion_gap": 0.8})
-    final = {"diag_bias_angle_deg": bias} | ({"eval_linear_top1": acc} if acc is not None else {})
+    final = {"diag_bias_angle_deg": bias, "diag_attraction_gap": 0.05 / epochs + 0.01 * seed}
+    final |= {"eval_linear_top1": acc} if acc is not None else {}
     db.finish_run(rid, status, final)
     con = sqlite3.connect(db_path)
     spec = {"config": config.to_dict(), "source": f"configs/cpu/{sweep}.yaml", "command": f"protoclr sweep {sweep}"}
@@ -80,6 +81,11 @@ def synthetic_db(tmp_path) -> Path:
             _add(path, "sim", "similarity", {"loss.similarity": sim}, seed, c,
                  acc=None if diverged else (0.7 if sim == "cosine" else 0.2), status="diverged" if diverged else
                  "finished")
+    for target in ("shared", "momentum"):
+        for seed in (0, 1):
+            c = Config()
+            c.target.name = target
+            _add(path, "tg", "targets", {"target.name": target}, seed, c, acc=0.6 if target == "shared" else 0.65)
     return path
 
 
@@ -88,7 +94,7 @@ def test_report_every_section_with_traceable_numbers(synthetic_db, tmp_path):
     md = R.write_report(synthetic_db, out).read_text()
     for heading in ("## Against the paper", "## Balancing the loss", "## Augmentations and prototype bias",
                     "## Similarity measure", "## Class balance", "## Bound terms and gaps over training",
-                    "## Training curves", "## Every point"):
+                    "## Training curves", "## Every point", "## Prototype estimators (target branch)"):
         assert heading in md
     # balanced, alpha=2, lam=4: seeds 0.74 and 0.76 -> 75.00 ± 1.41 (n=2), the best of its grid
     assert "| grid | name=balanced, alpha=2, lam=4 | 75.00 ± 1.41 (n=2) |" in md
@@ -98,6 +104,9 @@ def test_report_every_section_with_traceable_numbers(synthetic_db, tmp_path):
     assert "over the 3 augmentation sets: -1.00 (paper, over its 3 sets with a reported bias: -1.00)" in md
     # the diverged dot-product seed is counted, not averaged in
     assert "| sim | similarity=dot | 20.00 ± - (n=1) |" in md and "2/2 done, 1 diverged" in md
+    # targets: accuracy, then the final attraction gaps of seeds 0 and 1 (0.025, 0.035) with the bias
+    assert "| tg | name=momentum | 65.00 ± 0.00 (n=2) |" in md
+    assert "| tg | name=shared | 0.0300 ± 0.0071 (n=2) |" in md and "targets_bounds.png" in md
     # empty study: said, not filled
     assert "No runs of this study in the database (sweeps with `study: class_balance`)" in md
     assert "| class_balance | uniform class distribution | ImageNet-LT budget | 20.82 | - | no runs | - |" in md
