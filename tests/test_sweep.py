@@ -134,6 +134,32 @@ def test_run_ids_deterministic_and_distinct(tmp_path, tiny_data):
 # claims
 
 
+SWEEP_FILES = sorted((REPO / "configs").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_sweep_files_expand(path):
+    """Every sweep file under configs/cpu and configs/paper loads, names a study the report draws, and expands
+    to distinct valid runs; the CPU studies have at least 2 seeds per point (the report's mean +- std)."""
+    sweep = S.load_sweep_file(path)
+    assert sweep.study in S.STUDIES[1:], f"{path}: study {sweep.study!r}"
+    runs = S.expand(sweep)
+    points = int(np.prod([len(v) for v in sweep.grid.values()]))
+    assert len({r.run_id for r in runs}) == len(runs) == sweep.seeds * points
+    assert all(r.config["train"]["seed"] == r.seed for r in runs)
+    if path.parent.name == "cpu":
+        assert sweep.seeds >= 2
+
+
+def test_sweep_files_cover_every_study():
+    studies = {S.load_sweep_file(p).study for p in SWEEP_FILES}
+    for folder in ("cpu", "paper"):
+        have = {S.load_sweep_file(p).study for p in SWEEP_FILES if p.parent.name == folder}
+        missing = set(S.STUDIES[1:]) - {"targets"} - have
+        assert not missing, f"configs/{folder} has no sweep for {sorted(missing)}"
+    assert studies == set(S.STUDIES[1:])
+
+
 def test_claim_respects_live_workers_and_takes_over_dead_ones(tmp_path, tiny_data):
     sweep = S.load_sweep_file(_sweep_file(tmp_path, tiny_data))
     runs = S.expand(sweep)
