@@ -437,36 +437,12 @@ def _device(encoder) -> str:
 
 
 def _diagnostics(encoder, probe_set, spec, cfg: Config, opts: EvalOptions) -> dict[str, float]:
-    """Bias and bound terms of ``encoder`` on the probe set, flat ``diag_*`` scalars."""
-    import torch
+    """Bias, bound terms (at the run's own inverse temperature, nu = 1) and geometry of ``encoder`` on the
+    probe set: the flat ``diag_*`` scalars of :func:`protoclr.diagnostics.track`."""
+    from protoclr.diagnostics import loss_alpha, track
 
-    from protoclr.diagnostics import bias_report, bound_terms, geometry, view_features
-
-    labels = torch.as_tensor(probe_set.labels).long()
-    C = len(probe_set.classes)
-    feats = view_features(encoder, probe_set, views=opts.probe_views, recipe=spec, seed=cfg.train.seed,
-                          batch_size=opts.batch_size, device=_device(encoder))
-    alpha = 1.0 / cfg.loss.temperature if cfg.loss.name in ("nt_xent", "decoupled") else cfg.loss.alpha
-    b = bound_terms(feats["projector"], labels, num_classes=C, alphas=(alpha,), nus=(1.0,))
-    (rep,) = b["repulsion"].values()
-    bias = bias_report(feats, labels, num_classes=C)
-    geo = geometry(feats["projector"])
-    return {
-        "diag_bias_angle_deg": bias["backbone"]["normalized"]["angle_deg"],
-        "diag_bias_cosine": bias["backbone"]["normalized"]["cosine"],
-        "diag_bias_proj_angle_deg": bias["projector"]["normalized"]["angle_deg"],
-        "diag_attraction_sup": b["attraction"]["supervised"],
-        "diag_attraction_surrogate": b["attraction"]["surrogate"],
-        "diag_attraction_ssl": b["attraction"]["self_supervised"],
-        "diag_attraction_gap": b["attraction"]["gap"],
-        "diag_repulsion_sup": rep["supervised"],
-        "diag_repulsion_ssl": rep["self_supervised"],
-        "diag_repulsion_gap": rep["gap"],
-        "diag_bound_alpha": alpha,
-        "diag_violations": float(len(b["violations"])),
-        "diag_alignment": geo["alignment"],
-        "diag_uniformity": geo["uniformity"],
-    }
+    return track(encoder, probe_set, spec=spec, views=opts.probe_views, alphas=(loss_alpha(cfg.loss),), nus=(1.0,),
+                 seed=cfg.train.seed, batch_size=opts.batch_size, device=_device(encoder))
 
 
 def _final_probes(encoder, train, test, spec, cfg: Config, opts: EvalOptions) -> dict[str, float]:
