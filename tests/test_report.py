@@ -35,7 +35,7 @@ def test_spearman():
 
 
 def _add(db_path: Path, sweep: str, study: str, point: dict, seed: int, config: Config, *, acc: float | None,
-         status: str = "finished", bias: float = 30.0, epochs: int = 2) -> None:
+         status: str = "finished", bias: float = 30.0, epochs: int = 2, extra: dict | None = None) -> None:
     rid = f"{sweep}-{len(json.dumps(point))}-{abs(hash(json.dumps(point, sort_keys=True))) % 10**6}-s{seed}"
     db = ResultsDB(db_path)
     db.start_run(rid, config=config.to_dict(), run_dir=db_path.parent / rid)
@@ -46,6 +46,7 @@ def _add(db_path: Path, sweep: str, study: str, point: dict, seed: int, config: 
                               "diag_repulsion_sup": 0.4, "diag_repulsion_ssl": 1.2, "diag_repulsion_gap": 0.8})
     final = {"diag_bias_angle_deg": bias, "diag_attraction_gap": 0.05 / epochs + 0.01 * seed}
     final |= {"eval_linear_top1": acc} if acc is not None else {}
+    final |= extra or {}
     db.finish_run(rid, status, final)
     con = sqlite3.connect(db_path)
     spec = {"config": config.to_dict(), "source": f"configs/cpu/{sweep}.yaml", "command": f"protoclr sweep {sweep}"}
@@ -87,6 +88,24 @@ def synthetic_db(tmp_path) -> Path:
             c.target.name = target
             _add(path, "tg", "targets", {"target.name": target}, seed, c, acc=0.6 if target == "shared" else 0.65)
     return path
+
+
+def test_class_balance_section_shows_both_probes(tmp_path):
+    path = S.init_db(tmp_path / "runs.db")
+    for profile, pre in (("longtail", 0.30), ("uniform", 0.52)):
+        for seed in (0, 1):
+            c = Config()
+            c.data.class_profile = profile
+            _add(path, "cb", "class_balance", {"data.class_profile": profile}, seed, c,
+                 acc=0.50 - (0.05 if profile == "longtail" else 0) + 0.01 * seed,
+                 extra={"eval_linear_top1_pretrain_set": pre + 0.02 * seed, "eval_knn_top1": 0.4})
+    md = R.write_report(path, tmp_path / "r").read_text()
+    section = md[md.index("## Class balance"):]
+    assert "| cb | class_profile=longtail | 45.50 ± 0.71 (n=2) | 31.00 ± 1.41 (n=2) | 40.00 ± 0.00 (n=2) | no runs |" \
+        in section
+    assert "| cb | class_profile=uniform | 50.50 ± 0.71 (n=2) | 53.00 ± 1.41 (n=2) |" in section
+    assert "| class_balance | long-tailed (Pareto profile) | ImageNet-LT | 13.65 | cifar10_zip" not in md  # F-MNIST
+    assert "| class_balance | long-tailed (Pareto profile) | ImageNet-LT | 13.65 | fashion_mnist: " in md
 
 
 def test_report_every_section_with_traceable_numbers(synthetic_db, tmp_path):

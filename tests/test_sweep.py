@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -158,6 +159,29 @@ def test_sweep_files_cover_every_study():
         missing = set(S.STUDIES[1:]) - {"targets"} - have
         assert not missing, f"configs/{folder} has no sweep for {sorted(missing)}"
     assert studies == set(S.STUDIES[1:])
+
+
+@pytest.mark.parametrize("profile", ["longtail", "uniform"])
+def test_class_profiled_runs_probe_on_a_balanced_draw(tiny_data, profile):
+    """A long-tailed and a uniform run fit their final probes on the same balanced draw of the unprofiled
+    split; an unprofiled run fits them on its own pretraining set."""
+    from protoclr.config import load_config
+    from protoclr.data import longtail_counts
+    from protoclr.train import load_data
+
+    base = ["data.dataset=image_folder", f"data.root={tiny_data}", "data.imbalance_ratio=4"]
+    cfg = load_config(None, [*base, f"data.class_profile={profile}"])
+    train = load_data(cfg)[0]
+    pool = S.probe_train_set(cfg, train, S.EvalOptions(train_images=40))
+    assert pool.class_counts(4).tolist() == [10, 10, 10, 10]
+    assert len(train) == sum(longtail_counts(24, 4, imbalance_ratio=4))  # the long tail or its uniform twin
+    everything = S.probe_train_set(cfg, train, S.EvalOptions(train_images=0))
+    assert everything.class_counts(4).tolist() == [24] * 4
+    other = S.probe_train_set(load_config(None, [*base, "data.class_profile=longtail"]), train,
+                              S.EvalOptions(train_images=40))
+    assert torch.equal(other.labels, pool.labels) and other.files == pool.files  # same draw for both profiles
+    plain = load_config(None, base)
+    assert S.probe_train_set(plain, train, S.EvalOptions(train_images=40)) is train
 
 
 def test_claim_respects_live_workers_and_takes_over_dead_ones(tmp_path, tiny_data):
@@ -327,6 +351,18 @@ def test_tiny_sweep_killed_then_resumed_then_reported(tmp_path, tiny_data):
 
     again = subprocess.run(cmd, env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and _rows(out / "runs.db") == (runs, epochs)  # nothing re-run
+
+    # --reevaluate: fresh final probes for every finished run, no training, nothing duplicated
+    stamp = {rid: db.get_run(rid)["updated"] for rid in ids}
+    steps = {rid: [e["step"] for e in db.epochs(rid)] for rid in ids}
+    rev = subprocess.run([*cmd, "--reevaluate"], env=_env(tmp_path), cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert rev.returncode == 0 and "re-evaluating 4 finished run(s)" in rev.stdout, rev.stdout + rev.stderr
+    assert _rows(out / "runs.db") == (runs, epochs)
+    for rid in ids:
+        row = db.get_run(rid)
+        assert row["updated"] > stamp[rid] and 0 <= row["final_metrics"]["eval_linear_top1"] <= 1
+        assert [e["step"] for e in db.epochs(rid)] == steps[rid]
 
     from protoclr.report import write_report
 

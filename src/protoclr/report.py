@@ -516,6 +516,24 @@ def _bar_section(doc: Doc, groups: list[Group], study: str, title: str, what: st
         _provenance(doc, sub)
 
 
+def section_class_balance(doc: Doc, groups: list[Group]) -> None:
+    """Long-tailed vs uniform at one image budget: the balanced-probe accuracy (the comparison) and, where
+    recorded, the same probes fitted on the profiled pretraining set (what an imbalanced probe adds)."""
+    _bar_section(doc, groups, "class_balance", "Class balance", "")
+    gs = [g for g in groups if g.study == "class_balance"]
+    if not any(g.values("eval_linear_top1_pretrain_set") for g in gs):
+        return
+    doc.p("Linear and kNN top-1 above: probes fitted on a class-balanced draw of the training split before "
+          "profiling, the same for both points (protoclr.sweep.probe_train_set). Below, the same probes fitted "
+          "on each run's own pretraining set (long-tailed or uniform), for contrast.")
+    doc.table(["sweep", "point", "linear, balanced probe (%)", "linear, pretraining-set probe (%)",
+               "kNN, balanced probe (%)", "kNN, pretraining-set probe (%)"],
+              [[g.sweep, g.label, fmt(g.values(ACC), scale=100),
+                fmt(g.values("eval_linear_top1_pretrain_set"), scale=100),
+                fmt(g.values("eval_knn_top1"), scale=100), fmt(g.values("eval_knn_top1_pretrain_set"), scale=100)]
+               for g in gs])
+
+
 def section_bounds(doc: Doc, groups: list[Group]) -> None:
     doc.h(2, "Bound terms and gaps over training")
     gs = [g for g in groups if any(any("diag_attraction_gap" in e for e in rows) for rows in g.epochs.values())]
@@ -595,7 +613,7 @@ def build_report(db_path: str | Path, *, title: str = "protoclr results", note: 
     section_loss_balance(doc, groups)
     section_augmentation(doc, groups)
     _bar_section(doc, groups, "similarity", "Similarity measure", "")
-    _bar_section(doc, groups, "class_balance", "Class balance", "")
+    section_class_balance(doc, groups)
     section_targets(doc, groups)
     section_bounds(doc, groups)
     section_training(doc, groups)

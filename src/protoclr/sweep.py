@@ -72,7 +72,7 @@ class EvalOptions:
 
     linear: bool = True  # cached linear probe (L-BFGS, weight decay picked on 10% of train) on backbone features
     knn: bool = True  # weighted kNN, k=200, T=0.1 (Wu et al. 2018)
-    train_images: int = 10000  # train images the final probes fit on (seeded subset); 0 = all
+    train_images: int = 10000  # train images the final probes fit on (seeded subset; see probe_train_set); 0 = all
     test_images: int = 0  # test images scored; 0 = all
     diagnostics_every: int = 1  # epochs between diagnostics (bias, bound terms) on the probe set; 0 = last only
     probe_images: int = 1000  # held-out images (class-balanced, seeded) for the diagnostics
@@ -392,6 +392,18 @@ def claim(db_path: Path, rid: str, *, retry_failed: bool = False) -> bool:
     return True
 
 
+def reopen_finished(db_path: Path, ids: list[str]) -> int:
+    """Mark the done runs among ``ids`` whose training finished as pending again (``--reevaluate``): a worker
+    then finds the final checkpoint, trains nothing and records fresh final probes. Returns how many."""
+    with _Tx(db_path) as con:
+        todo = [r["run_id"] for r in con.execute(
+            "SELECT s.run_id FROM sweep_runs s JOIN runs r ON r.run_id = s.run_id "
+            "WHERE s.state='done' AND r.status='finished'") if r["run_id"] in set(ids)]
+        con.executemany("UPDATE sweep_runs SET state='pending', attempts=0, pid=NULL, updated=? WHERE run_id=?",
+                        [(time.time(), rid) for rid in todo])
+    return len(todo)
+
+
 def release(db_path: Path, rid: str, state: str, message: str | None = None) -> None:
     with _Tx(db_path) as con:
         con.execute("UPDATE sweep_runs SET state=?, message=?, pid=NULL, host=NULL, attempts=0, updated=?"
@@ -478,6 +490,23 @@ def _final_probes(encoder, train, test, spec, cfg: Config, opts: EvalOptions) ->
     return out
 
 
+def probe_train_set(cfg: Config, train, opts: EvalOptions):
+    """The images the final probes fit on: the pretraining set, except for a class-profiled run
+    (``data.class_profile`` longtail or uniform), whose probes fit on a class-balanced seeded draw of
+    ``opts.train_images`` images (0 = as many as the smallest class allows) from the split before profiling,
+    so that a long-tailed and a uniform run are scored by the same balanced protocol and the comparison
+    measures their representations, not an imbalanced classifier."""
+    if cfg.data.class_profile == "none":
+        return train
+    from protoclr.data import uniform_subset
+    from protoclr.train import load_data
+
+    pool = load_data(cfg, class_profile=False)[0]
+    C = len(pool.classes)
+    most = C * int(pool.class_counts(C).min())
+    return uniform_subset(pool, total=min(opts.train_images or most, most), seed=cfg.train.seed + 2)
+
+
 def execute_run(db_path: Path, rid: str) -> str:
     """Pretrain run ``rid`` of ``sweep_runs`` epoch by epoch (resuming its checkpoint), diagnose each epoch,
     probe the result; returns the state recorded (``done`` or ``failed``). The caller holds the claim."""
@@ -499,6 +528,7 @@ def execute_run(db_path: Path, rid: str) -> str:
     run_dir = out_dir / rid
     try:
         train, test, view_spec_ = load_data(cfg)
+        probe_pool = probe_train_set(cfg, train, opts)
         C = len(test.classes)  # a class-balanced probe set: the repulsion bound's log n term assumes one
         probe_set = uniform_subset(test, total=min(opts.probe_images, C * int(test.class_counts(C).min())), seed=0)
         steps_per_epoch = len(train) // cfg.train.batch_size
@@ -532,7 +562,11 @@ def execute_run(db_path: Path, rid: str) -> str:
             if diverged:
                 break
         encoder, _ = load_run(run_dir)  # the last good checkpoint when diverged
-        final = _final_probes(encoder, train, test, view_spec_, cfg, opts)
+        final = _final_probes(encoder, probe_pool, test, view_spec_, cfg, opts)
+        if probe_pool is not train:  # the same probes fitted on the (imbalanced) pretraining set, for contrast
+            final.update({f"{k}_pretrain_set": v for k, v in
+                          _final_probes(encoder, train, test, view_spec_, cfg, opts).items()
+                          if k.endswith("top1") or k == "eval_train_images"})
         if diverged:
             final = {f"{k}_last_good" if k.startswith("eval_") and k.endswith("top1") else k: v
                      for k, v in final.items()}
@@ -716,6 +750,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where run folders and runs.db go (default: runs/sweeps/<name>)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (CPU threads are split)")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="score finished runs again with the current evaluation code (final probes; no training: "
+                   "each resumes at its last checkpoint); diverged and failed runs are left as they are")
     p.add_argument("--plan", action="store_true", help="list the runs and their status; run nothing")
     p.add_argument("--dry-run", action="store_true",
                    help="validate every run and do the engine's 2-step dry run (full model, fake data) once per "
@@ -806,12 +843,15 @@ def cli_main(argv: list[str]) -> int:
             print(f"  dry run ok ({time.perf_counter() - t0:.0f} s): {r.run_id}")
         return 0
     db_path = init_db(out / "runs.db")
-    command = " ".join(["protoclr", "sweep", *(a for a in argv if a not in ("--plan", "--retry-failed"))])
+    command = " ".join(["protoclr", "sweep", *(a for a in argv if a not in ("--plan", "--retry-failed",
+                                                                            "--reevaluate"))])
     register(db_path, sweep, runs, command=command)
     ids = [r.run_id for r in runs]
     if args.plan:
         _print_plan(runs, sweep_states(db_path, ids))
         return 0
+    if args.reevaluate:
+        print(f"re-evaluating {reopen_finished(db_path, ids)} finished run(s)")
     if args.submit:
         states = sweep_states(db_path, ids)
         todo = [r for r in runs if states[r.run_id]["state"] == "pending"

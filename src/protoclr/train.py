@@ -299,8 +299,11 @@ def epoch_order(n: int, *, seed: int, epoch: int) -> torch.Tensor:
     return _seeded_perm(n, seed * 1_000_003 + epoch)
 
 
-def load_data(cfg: Config, *, fake: bool = False):
-    """``(train, test, spec)``: the training split (subset as configured), the held-out split, the view spec."""
+def load_data(cfg: Config, *, fake: bool = False, class_profile: bool = True):
+    """``(train, test, spec)``: the training split (subset as configured), the held-out split, the view spec.
+
+    ``class_profile=False`` leaves out ``data.class_profile`` (the split before the long-tailed or uniform draw:
+    where the probes of a class-profiled run fit their classifiers)."""
     from protoclr.data import load_dataset
     from protoclr.views import view_spec
 
@@ -314,7 +317,7 @@ def load_data(cfg: Config, *, fake: bool = False):
     test = load_dataset(d.dataset, split=d.test_split, root=root, download=d.download)
     if d.train_subset and d.train_subset < len(train):
         train = train.subset(_seeded_perm(len(train), cfg.train.seed)[: d.train_subset].sort().values)
-    if d.class_profile != "none":
+    if d.class_profile != "none" and class_profile:
         from protoclr.data import longtail, uniform_subset
 
         lt = longtail(train, profile=d.longtail_profile, imbalance_ratio=d.imbalance_ratio, seed=cfg.train.seed)
