@@ -108,6 +108,18 @@ def test_class_balance_section_shows_both_probes(tmp_path):
     assert "| class_balance | long-tailed (Pareto profile) | ImageNet-LT | 13.65 | fashion_mnist: " in md
 
 
+def test_paper_table_says_when_every_run_diverged(tmp_path):
+    path = S.init_db(tmp_path / "runs.db")
+    for seed in (0, 1):
+        c = Config()
+        c.loss.similarity = "dot"
+        _add(path, "sim", "similarity", {"loss.similarity": "dot"}, seed, c, acc=None, status="diverged",
+             extra={"eval_linear_top1_last_good": 0.10 + 0.02 * seed})
+    md = R.write_report(path, tmp_path / "r").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| similarity | dot product"))
+    assert "diverged in 2 of 2 runs (last good checkpoint: 11.00 ± 1.41 (n=2))" in row
+
+
 def test_report_every_section_with_traceable_numbers(synthetic_db, tmp_path):
     out = tmp_path / "report"
     md = R.write_report(synthetic_db, out).read_text()

@@ -457,6 +457,11 @@ def section_paper(doc: Doc, groups: list[Group]) -> None:
                 gs = [max(scored, key=lambda g: mean_std(g.values(ACC))[0])] if scored else gs[:1]
             for g in gs:
                 here = fmt(g.values(ACC), scale=100)
+                diverged = sum(r["status"] == "diverged" for r in g.runs)
+                if not g.values(ACC) and diverged:
+                    last = g.values(ACC + "_last_good")
+                    here = f"diverged in {diverged} of {len(g.runs)} runs" + (
+                        f" (last good checkpoint: {fmt(last, scale=100)})" if last else "")
                 if ref.get("bias") is not None and g.values(BIAS):
                     here += f"; bias {fmt(g.values(BIAS))}"
                 rows.append([ref["study"], ref["setting"], ref["dataset"], paper, f"{ds}: {g.label}", here,
