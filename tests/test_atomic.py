@@ -42,3 +42,18 @@ def test_write_json_is_strict(tmp_path):
 def test_torch_save_round_trip_weights_only(tmp_path):
     atomic.torch_save({"w": torch.arange(3)}, tmp_path / "t.pt")
     assert torch.load(tmp_path / "t.pt", weights_only=True)["w"].tolist() == [0, 1, 2]
+
+
+def test_new_files_follow_the_umask_and_rewrites_keep_the_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "report.md"
+        atomic.write_text(path, "a")
+        assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        path.chmod(0o640)
+        atomic.write_text(path, "b")
+        assert path.stat().st_mode & 0o777 == 0o640 and path.read_text() == "b"
+    finally:
+        os.umask(old)

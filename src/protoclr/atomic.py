@@ -18,11 +18,22 @@ from typing import IO, Any
 import torch
 
 
+def _mode_for(path: Path) -> int:
+    """The permission bits of an existing ``path``, else ``0o666`` less the process umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def _write_via(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _mode_for(path))  # mkstemp makes 0600; the result gets what a plain open() would give
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
