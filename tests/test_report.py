@@ -135,6 +135,7 @@ def test_report_every_section_with_traceable_numbers(synthetic_db, tmp_path):
     assert "over the 3 augmentation sets: -1.00 (paper, over its 3 sets with a reported bias: -1.00)" in md
     # the diverged dot-product seed is counted, not averaged in
     assert "| sim | similarity=dot | 20.00 ± - (n=1) |" in md and "2/2 done, 1 diverged" in md
+    assert "| fashion_mnist: similarity=dot | 20.00 ± - (n=1); 1 of 2 runs diverged |" in md  # paper table
     # targets: accuracy, then the final attraction gaps of seeds 0 and 1 (0.025, 0.035) with the bias
     assert "| tg | name=momentum | 65.00 ± 0.00 (n=2) |" in md
     assert "| tg | name=shared | 0.0300 ± 0.0071 (n=2) |" in md and "targets_bounds.png" in md

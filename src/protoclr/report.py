@@ -462,6 +462,8 @@ def section_paper(doc: Doc, groups: list[Group]) -> None:
                     last = g.values(ACC + "_last_good")
                     here = f"diverged in {diverged} of {len(g.runs)} runs" + (
                         f" (last good checkpoint: {fmt(last, scale=100)})" if last else "")
+                elif diverged:
+                    here += f"; {diverged} of {len(g.runs)} runs diverged"
                 if ref.get("bias") is not None and g.values(BIAS):
                     here += f"; bias {fmt(g.values(BIAS))}"
                 rows.append([ref["study"], ref["setting"], ref["dataset"], paper, f"{ds}: {g.label}", here,
