@@ -75,6 +75,12 @@ def test_yaml_errors_name_the_key(tmp_path):
     f.write_text("model: resnet18\n")
     with pytest.raises(ConfigError, match="model"):
         load_config(f)
+    f.write_text("train:\n  epochs: 4\n  epochs: 8\n")  # plain YAML would keep the last one silently
+    with pytest.raises(ConfigError, match=r"bad\.yaml: line 3: key 'epochs' is given twice \(first at line 2\)"):
+        load_config(f)
+    f.write_text("train: [1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(f)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

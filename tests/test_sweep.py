@@ -113,6 +113,12 @@ def test_sweep_file_errors(tmp_path, tiny_data):
     bad.write_text("grid: {loss.alpha: [1]}\nevaluate: {probe_view: 4}\n")
     with pytest.raises(S.SweepError, match=r"evaluate\.probe_view: unknown option"):
         S.load_sweep_file(bad)
+    bad.write_text("overrides:\n  train.epochs: 4\n  loss.lam: 2\n  train.epochs: 8\ngrid: {loss.alpha: [1]}\n")
+    with pytest.raises(S.SweepError, match=r"bad\.yaml: line 4: key 'train.epochs' is given twice \(first at line 2\)"):
+        S.load_sweep_file(bad)
+    bad.write_text("grid: {loss.alpha: [1]\n")
+    with pytest.raises(S.SweepError, match=r"bad\.yaml: not valid YAML"):
+        S.load_sweep_file(bad)
     bad.write_text("base: missing.yaml\ngrid: {loss.alpha: [1]}\n")
     with pytest.raises(S.SweepError, match=r"base config .*missing\.yaml does not exist"):
         S.load_sweep_file(bad)

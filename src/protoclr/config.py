@@ -322,11 +322,36 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return cfg.validate()
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"line {line}: key {key!r} is given twice (first at line {seen[key]}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML file at ``path`` with safe types only; a key given twice in one mapping is a ConfigError."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(), Loader=_StrictLoader)  # a SafeLoader: safe types only
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``overrides``; validated."""
     values: dict[str, Any] = {}
     if path is not None:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     cfg = Config()

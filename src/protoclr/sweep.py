@@ -50,7 +50,7 @@ from typing import Any
 import yaml
 
 from protoclr import atomic
-from protoclr.config import Config, ConfigError, apply_overrides, config_from_dict
+from protoclr.config import Config, ConfigError, apply_overrides, config_from_dict, read_yaml
 
 # What protoclr.report draws for a sweep; "" = training curves only.
 STUDIES = ("", "loss_balance", "augmentation", "similarity", "class_balance", "bounds", "targets")
@@ -167,7 +167,10 @@ def load_sweep_file(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = read_yaml(path) or {}
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
     if not isinstance(data, dict):
         raise SweepError(f"{path}: expected a mapping with keys {', '.join(SWEEP_FILE_KEYS)}")
     unknown = [k for k in data if k not in SWEEP_FILE_KEYS]
@@ -772,9 +775,12 @@ def build_sweep(args: argparse.Namespace) -> Sweep:
     if args.config is None:
         raise SweepError("name a sweep file or a base config (or use --merge OUT)")
     path = Path(args.config)
-    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
     if not path.is_file():
         raise SweepError(f"{path} does not exist")
+    try:
+        raw = read_yaml(path)
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
     is_sweep_file = isinstance(raw, dict) and "grid" in raw
     sweep = load_sweep_file(path) if is_sweep_file else Sweep(name=path.stem, base=path.resolve(), grid={}, seeds=1)
     grid = dict(sweep.grid)
