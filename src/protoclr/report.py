@@ -393,7 +393,9 @@ def curves(groups: list[Group], panels, title: str) -> bytes:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles = [Line2D([], [], color=f"C{gi % 10}", marker="o") for gi in range(len(groups))]
-    fig.legend(handles, [g.label for g in groups], loc="lower center", ncol=min(3, len(groups)), fontsize=8,
+    several = len({g.sweep for g in groups}) > 1  # the same point label from two sweeps must stay apart
+    labels = [f"{g.sweep}: {g.label}" if several else g.label for g in groups]
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(groups)), fontsize=8,
                bbox_to_anchor=(0.5, -0.02 - 0.035 * math.ceil(len(groups) / 3)))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
