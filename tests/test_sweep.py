@@ -99,28 +99,21 @@ def _base_config_file() -> Path:
     return path
 
 
-def test_sweep_file_errors(tmp_path, tiny_data):
+@pytest.mark.parametrize("text, why", [
+    ("grid: {loss.alpha: [1]}\nepochs: 3\n", "unknown key 'epochs'"),
+    ("grid: {loss.alpha: 2}\n", "non-empty list"),
+    ("grid: {loss.temp: [1, 2]}\n", r"grid.loss.temp: unknown config key 'loss.temp'"),
+    ("grid: {loss.alpha: [1]}\nevaluate: {probe_view: 4}\n", r"evaluate\.probe_view: unknown option"),
+    ("overrides:\n  train.epochs: 4\n  loss.lam: 2\n  train.epochs: 8\ngrid: {loss.alpha: [1]}\n",
+     r"bad\.yaml: line 4: key 'train.epochs' is given twice \(first at line 2\)"),
+    ("grid: {loss.alpha: [1]\n", r"bad\.yaml: not valid YAML"),
+    ("base: missing.yaml\ngrid: {loss.alpha: [1]}\n", r"base config .*missing\.yaml does not exist"),
+], ids=["unknown-key", "scalar-grid", "unknown-config-key", "unknown-eval-option", "duplicate-key", "bad-yaml",
+        "missing-base"])
+def test_sweep_file_errors(tmp_path, text, why):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("grid: {loss.alpha: [1]}\nepochs: 3\n")
-    with pytest.raises(S.SweepError, match="unknown key 'epochs'"):
-        S.load_sweep_file(bad)
-    bad.write_text("grid: {loss.alpha: 2}\n")
-    with pytest.raises(S.SweepError, match="non-empty list"):
-        S.load_sweep_file(bad)
-    bad.write_text("grid: {loss.temp: [1, 2]}\n")
-    with pytest.raises(S.SweepError, match=r"grid.loss.temp: unknown config key 'loss.temp'"):
-        S.load_sweep_file(bad)
-    bad.write_text("grid: {loss.alpha: [1]}\nevaluate: {probe_view: 4}\n")
-    with pytest.raises(S.SweepError, match=r"evaluate\.probe_view: unknown option"):
-        S.load_sweep_file(bad)
-    bad.write_text("overrides:\n  train.epochs: 4\n  loss.lam: 2\n  train.epochs: 8\ngrid: {loss.alpha: [1]}\n")
-    with pytest.raises(S.SweepError, match=r"bad\.yaml: line 4: key 'train.epochs' is given twice \(first at line 2\)"):
-        S.load_sweep_file(bad)
-    bad.write_text("grid: {loss.alpha: [1]\n")
-    with pytest.raises(S.SweepError, match=r"bad\.yaml: not valid YAML"):
-        S.load_sweep_file(bad)
-    bad.write_text("base: missing.yaml\ngrid: {loss.alpha: [1]}\n")
-    with pytest.raises(S.SweepError, match=r"base config .*missing\.yaml does not exist"):
+    bad.write_text(text)
+    with pytest.raises(S.SweepError, match=why):
         S.load_sweep_file(bad)
 
 
