@@ -166,21 +166,22 @@ def test_class_profiled_runs_probe_on_a_balanced_draw(tiny_data, profile):
     split; an unprofiled run fits them on its own pretraining set."""
     from protoclr.config import load_config
     from protoclr.data import longtail_counts
-    from protoclr.train import load_data
+    from protoclr.train import class_profiled, load_data
 
     base = ["data.dataset=image_folder", f"data.root={tiny_data}", "data.imbalance_ratio=4"]
     cfg = load_config(None, [*base, f"data.class_profile={profile}"])
-    train = load_data(cfg)[0]
-    pool = S.probe_train_set(cfg, train, S.EvalOptions(train_images=40))
+    split, train = load_data(cfg, class_profile=False)[0], load_data(cfg)[0]
+    pool = S.probe_train_set(cfg, split, S.EvalOptions(train_images=40))
     assert pool.class_counts(4).tolist() == [10, 10, 10, 10]
     assert len(train) == sum(longtail_counts(24, 4, imbalance_ratio=4))  # the long tail or its uniform twin
-    everything = S.probe_train_set(cfg, train, S.EvalOptions(train_images=0))
+    assert torch.equal(class_profiled(split, cfg).labels, train.labels)  # the profile drawn from the split
+    everything = S.probe_train_set(cfg, split, S.EvalOptions(train_images=0))
     assert everything.class_counts(4).tolist() == [24] * 4
-    other = S.probe_train_set(load_config(None, [*base, "data.class_profile=longtail"]), train,
+    other = S.probe_train_set(load_config(None, [*base, "data.class_profile=longtail"]), split,
                               S.EvalOptions(train_images=40))
     assert torch.equal(other.labels, pool.labels) and other.files == pool.files  # same draw for both profiles
     plain = load_config(None, base)
-    assert S.probe_train_set(plain, train, S.EvalOptions(train_images=40)) is train
+    assert S.probe_train_set(plain, split, S.EvalOptions(train_images=40)) is split
 
 
 def test_claim_respects_live_workers_and_takes_over_dead_ones(tmp_path, tiny_data):

@@ -93,6 +93,11 @@ class Group:
     def config(self) -> dict[str, Any]:
         return self.runs[0]["config"]
 
+    @property
+    def diverged(self) -> int:
+        """How many of this point's runs diverged."""
+        return sum(r["status"] == "diverged" for r in self.runs)
+
     def values(self, key: str) -> list[float]:
         """``key`` of the final metrics over this point's finished or diverged runs (finite values only)."""
         out = []
@@ -417,9 +422,8 @@ def _provenance(doc: Doc, groups: list[Group]) -> None:
 
 
 def _stat_row(g: Group) -> list[str]:
-    diverged = sum(r["status"] == "diverged" for r in g.runs)
     other = [r["status"] for r in g.runs if r["status"] not in RESULT_STATUSES]
-    status = f"{len(g.runs) - len(other)}/{len(g.runs)} done" + (f", {diverged} diverged" if diverged else "")
+    status = f"{len(g.runs) - len(other)}/{len(g.runs)} done" + (f", {g.diverged} diverged" if g.diverged else "")
     if other:
         status += ", " + ", ".join(f"{other.count(s)} {s}" for s in sorted(set(other)))
     return [g.sweep, g.label, fmt(g.values(ACC), scale=100), fmt(g.values("eval_knn_top1"), scale=100),
@@ -459,13 +463,12 @@ def section_paper(doc: Doc, groups: list[Group]) -> None:
                 gs = [max(scored, key=lambda g: mean_std(g.values(ACC))[0])] if scored else gs[:1]
             for g in gs:
                 here = fmt(g.values(ACC), scale=100)
-                diverged = sum(r["status"] == "diverged" for r in g.runs)
-                if not g.values(ACC) and diverged:
+                if not g.values(ACC) and g.diverged:
                     last = g.values(ACC + "_last_good")
-                    here = f"diverged in {diverged} of {len(g.runs)} runs" + (
+                    here = f"diverged in {g.diverged} of {len(g.runs)} runs" + (
                         f" (last good checkpoint: {fmt(last, scale=100)})" if last else "")
-                elif diverged:
-                    here += f"; {diverged} of {len(g.runs)} runs diverged"
+                elif g.diverged:
+                    here += f"; {g.diverged} of {len(g.runs)} runs diverged"
                 if ref.get("bias") is not None and g.values(BIAS):
                     here += f"; bias {fmt(g.values(BIAS))}"
                 rows.append([ref["study"], ref["setting"], ref["dataset"], paper, f"{ds}: {g.label}", here,

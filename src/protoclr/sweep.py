@@ -398,10 +398,11 @@ def claim(db_path: Path, rid: str, *, retry_failed: bool = False) -> bool:
 def reopen_finished(db_path: Path, ids: list[str]) -> int:
     """Mark the done runs among ``ids`` whose training finished as pending again (``--reevaluate``): a worker
     then finds the final checkpoint, trains nothing and records fresh final probes. Returns how many."""
+    wanted = set(ids)
     with _Tx(db_path) as con:
         todo = [r["run_id"] for r in con.execute(
             "SELECT s.run_id FROM sweep_runs s JOIN runs r ON r.run_id = s.run_id "
-            "WHERE s.state='done' AND r.status='finished'") if r["run_id"] in set(ids)]
+            "WHERE s.state='done' AND r.status='finished'") if r["run_id"] in wanted]
         con.executemany("UPDATE sweep_runs SET state='pending', attempts=0, pid=NULL, updated=? WHERE run_id=?",
                         [(time.time(), rid) for rid in todo])
     return len(todo)
@@ -460,15 +461,14 @@ def _diagnostics(encoder, probe_set, spec, cfg: Config, opts: EvalOptions) -> di
                  seed=cfg.train.seed, batch_size=opts.batch_size, device=_device(encoder))
 
 
-def _final_probes(encoder, train, test, spec, cfg: Config, opts: EvalOptions) -> dict[str, float]:
+def _final_probes(encoder, trains: dict[str, Any], test, spec, cfg: Config, opts: EvalOptions) -> dict[str, float]:
+    """Weighted kNN and cached linear probe of the backbone, fitted on each of ``trains`` (key: the suffix of
+    its metric names, "" for the headline set) and scored on one extraction of ``test``."""
     import torch
 
     from protoclr.evaluate import extract_features, knn_accuracy, linear_probe_cached
     from protoclr.views import eval_images
 
-    if opts.train_images and opts.train_images < len(train):
-        g = torch.Generator().manual_seed(cfg.train.seed + 2)
-        train = train.subset(torch.randperm(len(train), generator=g)[: opts.train_images].sort().values)
     if opts.test_images and opts.test_images < len(test):
         from protoclr.train import held_out_indices  # a seeded draw: the CIFAR-10 copy is stored in class order
 
@@ -478,33 +478,42 @@ def _final_probes(encoder, train, test, spec, cfg: Config, opts: EvalOptions) ->
     def prep(x):
         return eval_images(x, spec)
 
+    def features(data):
+        return extract_features(encoder.backbone, data, batch_size=opts.batch_size, preprocess=prep, device=dev)
+
     dev = _device(encoder)
-    f_tr, y_tr = extract_features(encoder.backbone, train, batch_size=opts.batch_size, preprocess=prep, device=dev)
-    f_te, y_te = extract_features(encoder.backbone, test, batch_size=opts.batch_size, preprocess=prep, device=dev)
-    out: dict[str, float] = {"eval_train_images": float(len(train)), "eval_test_images": float(len(test))}
-    if not (torch.isfinite(f_tr).all() and torch.isfinite(f_te).all()):
+    f_te, y_te = features(test)
+    out: dict[str, float] = {"eval_test_images": float(len(test))}
+    fitted = {}
+    for suffix, train in trains.items():
+        if opts.train_images and opts.train_images < len(train):
+            g = torch.Generator().manual_seed(cfg.train.seed + 2)
+            train = train.subset(torch.randperm(len(train), generator=g)[: opts.train_images].sort().values)
+        out[f"eval_train_images{suffix}"] = float(len(train))
+        fitted[suffix] = features(train)
+    if not (torch.isfinite(f_te).all() and all(torch.isfinite(f).all() for f, _ in fitted.values())):
         out["eval_nonfinite_features"] = 1.0  # a diverged encoder: no accuracy to report
         return out
-    if opts.knn:
-        out["eval_knn_top1"] = knn_accuracy(f_tr, y_tr, f_te, y_te, num_classes=C, k=min(200, len(f_tr)),
-                                            temperature=0.1)["top1"]
-    if opts.linear:
-        out["eval_linear_top1"] = linear_probe_cached(f_tr, y_tr, f_te, y_te, num_classes=C)["top1"]
+    for suffix, (f_tr, y_tr) in fitted.items():
+        if opts.knn:
+            out[f"eval_knn_top1{suffix}"] = knn_accuracy(f_tr, y_tr, f_te, y_te, num_classes=C, k=min(200, len(f_tr)),
+                                                         temperature=0.1)["top1"]
+        if opts.linear:
+            out[f"eval_linear_top1{suffix}"] = linear_probe_cached(f_tr, y_tr, f_te, y_te, num_classes=C)["top1"]
     return out
 
 
-def probe_train_set(cfg: Config, train, opts: EvalOptions):
-    """The images the final probes fit on: the pretraining set, except for a class-profiled run
-    (``data.class_profile`` longtail or uniform), whose probes fit on a class-balanced seeded draw of
-    ``opts.train_images`` images (0 = as many as the smallest class allows) from the split before profiling,
-    so that a long-tailed and a uniform run are scored by the same balanced protocol and the comparison
-    measures their representations, not an imbalanced classifier."""
+def probe_train_set(cfg: Config, split, opts: EvalOptions):
+    """The images the final probes fit on, from ``split`` (the training split before ``data.class_profile``):
+    the split itself (the pretraining set) unless the run is class-profiled (longtail or uniform); then a
+    class-balanced seeded draw of ``opts.train_images`` images (0 = as many as the smallest class allows), so
+    that a long-tailed and a uniform run are scored by the same balanced protocol and the comparison measures
+    their representations, not an imbalanced classifier."""
     if cfg.data.class_profile == "none":
-        return train
+        return split
     from protoclr.data import uniform_subset
-    from protoclr.train import load_data
 
-    pool = load_data(cfg, class_profile=False)[0]
+    pool = split
     C = len(pool.classes)
     most = C * int(pool.class_counts(C).min())
     return uniform_subset(pool, total=min(opts.train_images or most, most), seed=cfg.train.seed + 2)
@@ -516,7 +525,7 @@ def execute_run(db_path: Path, rid: str) -> str:
     from protoclr import checkpoint as ckpt
     from protoclr.data import uniform_subset
     from protoclr.results import ResultsDB
-    from protoclr.train import TrainingDiverged, load_data, load_run, pretrain
+    from protoclr.train import TrainingDiverged, class_profiled, load_data, load_run, pretrain
 
     con = _connect(db_path)
     try:
@@ -530,8 +539,9 @@ def execute_run(db_path: Path, rid: str) -> str:
     db = ResultsDB(db_path)
     run_dir = out_dir / rid
     try:
-        train, test, view_spec_ = load_data(cfg)
-        probe_pool = probe_train_set(cfg, train, opts)
+        split, test, view_spec_ = load_data(cfg, class_profile=False)
+        train = class_profiled(split, cfg)
+        probe_pool = probe_train_set(cfg, split, opts)
         C = len(test.classes)  # a class-balanced probe set: the repulsion bound's log n term assumes one
         probe_set = uniform_subset(test, total=min(opts.probe_images, C * int(test.class_counts(C).min())), seed=0)
         steps_per_epoch = len(train) // cfg.train.batch_size
@@ -565,11 +575,10 @@ def execute_run(db_path: Path, rid: str) -> str:
             if diverged:
                 break
         encoder, _ = load_run(run_dir)  # the last good checkpoint when diverged
-        final = _final_probes(encoder, probe_pool, test, view_spec_, cfg, opts)
+        trains = {"": probe_pool}
         if probe_pool is not train:  # the same probes fitted on the (imbalanced) pretraining set, for contrast
-            final.update({f"{k}_pretrain_set": v for k, v in
-                          _final_probes(encoder, train, test, view_spec_, cfg, opts).items()
-                          if k.endswith("top1") or k == "eval_train_images"})
+            trains["_pretrain_set"] = train
+        final = _final_probes(encoder, trains, test, view_spec_, cfg, opts)
         if diverged:
             final = {f"{k}_last_good" if k.startswith("eval_") and k.endswith("top1") else k: v
                      for k, v in final.items()}

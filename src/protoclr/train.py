@@ -317,13 +317,19 @@ def load_data(cfg: Config, *, fake: bool = False, class_profile: bool = True):
     test = load_dataset(d.dataset, split=d.test_split, root=root, download=d.download)
     if d.train_subset and d.train_subset < len(train):
         train = train.subset(_seeded_perm(len(train), cfg.train.seed)[: d.train_subset].sort().values)
-    if d.class_profile != "none" and class_profile:
-        from protoclr.data import longtail, uniform_subset
+    return (class_profiled(train, cfg) if class_profile else train), test, spec
 
-        lt = longtail(train, profile=d.longtail_profile, imbalance_ratio=d.imbalance_ratio, seed=cfg.train.seed)
-        # uniform: class-balanced at the long-tailed set's image budget, so the two differ only in balance
-        train = lt if d.class_profile == "longtail" else uniform_subset(train, total=len(lt), seed=cfg.train.seed)
-    return train, test, spec
+
+def class_profiled(train, cfg: Config):
+    """``train`` drawn to ``data.class_profile``: itself for none, the long-tailed set, or a uniform set of the
+    long-tailed set's size (so the two differ only in balance)."""
+    d = cfg.data
+    if d.class_profile == "none":
+        return train
+    from protoclr.data import longtail, uniform_subset
+
+    lt = longtail(train, profile=d.longtail_profile, imbalance_ratio=d.imbalance_ratio, seed=cfg.train.seed)
+    return lt if d.class_profile == "longtail" else uniform_subset(train, total=len(lt), seed=cfg.train.seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
