@@ -58,3 +58,69 @@ def test_concurrent_writers(tmp_path):
     for w in range(workers):
         rows = db.epochs(f"w{w}")
         assert [r["epoch"] for r in rows] == list(range(n)) and {r["worker"] for r in rows} == {w}
+
+
+_SCHEMA_READER = """
+import sqlite3, sys, time
+from pathlib import Path
+folder, n = Path(sys.argv[1]), int(sys.argv[2])
+seen = []
+for i in range(n):
+    path = folder / f"{i}.db"
+    (folder / f"{i}.ready").touch()  # the creator starts only once this reader polls
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        except sqlite3.OperationalError:
+            continue  # not created yet
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.OperationalError:
+            continue
+        finally:
+            con.close()
+        seen.append(len(names))
+        if len(names) == 3:
+            break
+print(" ".join(map(str, seen)))
+"""
+
+
+@pytest.mark.slow
+def test_schema_appears_all_at_once_to_another_process(tmp_path):
+    """A reader polling while another process creates runs.db sees no table or every table, never some."""
+    import subprocess
+    import sys
+    import time
+
+    from protoclr.results import TABLES
+
+    assert len(TABLES) == 3
+    n = 25
+    reader = subprocess.Popen([sys.executable, "-c", _SCHEMA_READER, str(tmp_path), str(n)], stdout=subprocess.PIPE,
+                              text=True)
+    for i in range(n):
+        deadline = time.time() + 60
+        while not (tmp_path / f"{i}.ready").exists() and time.time() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.005)  # let the reader reach its polling loop
+        ResultsDB(tmp_path / f"{i}.db")
+    out, _ = reader.communicate(timeout=120)
+    seen = [int(x) for x in out.split()]
+    assert seen.count(3) == n, "the reader never saw some database complete"
+    assert set(seen) <= {0, 3}, f"partial schemas seen: {sorted(set(seen) - {0, 3})} tables"
+
+
+def test_reader_of_a_database_without_tables_gets_a_clear_error(tmp_path):
+    from protoclr.errors import NotADatabase
+    from protoclr.report import load_groups
+
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()  # a file a writer has opened but not yet filled
+    with pytest.raises(NotADatabase, match="holds no protoclr tables"):
+        load_groups(empty)
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database at all, just some text that is long enough" * 20)
+    with pytest.raises(NotADatabase, match="is not an SQLite database"):
+        load_groups(junk)

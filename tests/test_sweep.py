@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from protoclr import sweep as S
-from protoclr.results import ResultsDB
+from protoclr.results import ResultsDB, has_schema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -310,8 +310,11 @@ def test_slurm_scripts_and_merge(tmp_path, tiny_data):
 
 
 def _rows(db_path: Path) -> tuple[list[tuple], list[tuple]]:
+    """(runs, epochs) rows; both empty while the sweep has opened the file but not yet created its tables."""
     con = sqlite3.connect(db_path)
     try:
+        if not has_schema(con):
+            return [], []
         runs = con.execute("SELECT run_id, status FROM runs ORDER BY run_id").fetchall()
         epochs = con.execute("SELECT run_id, epoch FROM epochs ORDER BY run_id, epoch").fetchall()
     finally:

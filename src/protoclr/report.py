@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from protoclr import atomic
+from protoclr.errors import NotADatabase
+from protoclr.results import has_schema
 
 ACC = "eval_linear_top1"
 BIAS = "diag_bias_angle_deg"
@@ -123,7 +125,16 @@ def load_groups(db_path: str | Path) -> tuple[list[Group], dict[str, int]]:
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     con.row_factory = sqlite3.Row
     try:
+        try:
+            complete = has_schema(con)
+        except sqlite3.DatabaseError:
+            raise NotADatabase(f"{db_path} is not an SQLite database; pass the runs.db a sweep or pretraining "
+                               "wrote") from None
+        if not complete:
+            raise NotADatabase(f"{db_path} holds no protoclr tables (yet): pass the runs.db a sweep or pretraining "
+                               "wrote, or wait until the sweep creating it has started")
         runs = [dict(r) for r in con.execute("SELECT * FROM runs ORDER BY created")]
+        # databases written before the sweep table joined the schema have none
         has_sweeps = con.execute("SELECT 1 FROM sqlite_master WHERE name='sweep_runs'").fetchone() is not None
         meta = {r["run_id"]: dict(r) for r in con.execute("SELECT * FROM sweep_runs")} if has_sweeps else {}
         epochs: dict[str, list[dict[str, Any]]] = {}
@@ -654,7 +665,7 @@ def cli_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         md = write_report(args.db, args.out, title=args.title, note=args.note)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NotADatabase) as e:
         print(f"protoclr report: {e}", file=sys.stderr)
         return 2
     print(f"wrote {md} and {md.with_name('report.html')}")

@@ -11,6 +11,9 @@ Several processes (a sweep's workers) may write at once: the database is in WAL 
 failing. A connection is opened per call, so a ``ResultsDB`` is cheap, picklable and fork-safe.
 
 Statuses: ``running``, ``finished``, ``diverged``, ``failed``, ``interrupted``.
+
+The whole schema (``runs``, ``epochs`` and the sweep queue ``sweep_runs``) is created in one transaction, so
+another connection sees all of it or none of it; :func:`has_schema` tells a reader which.
 """
 
 from __future__ import annotations
@@ -45,7 +48,73 @@ CREATE TABLE IF NOT EXISTS epochs (
     time REAL NOT NULL,
     PRIMARY KEY (run_id, epoch)
 );
+CREATE TABLE IF NOT EXISTS sweep_runs (
+    run_id TEXT PRIMARY KEY,
+    sweep TEXT NOT NULL,
+    study TEXT NOT NULL,
+    point TEXT NOT NULL,           -- JSON grid values
+    seed INTEGER NOT NULL,
+    spec TEXT NOT NULL,            -- JSON: config, evaluate, overrides, base, source, command
+    state TEXT NOT NULL,           -- pending | done | failed
+    host TEXT, pid INTEGER, pid_start TEXT, heartbeat REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    message TEXT,
+    updated REAL NOT NULL
+);
 """
+TABLES = ("runs", "epochs", "sweep_runs")
+
+
+def connect(path: str | Path, *, timeout: float = 60.0) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit) that waits ``timeout`` s for a lock."""
+    con = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    con.row_factory = sqlite3.Row
+    con.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+    return con
+
+
+@contextmanager
+def transaction(path: str | Path, *, timeout: float = 60.0) -> Iterator[sqlite3.Connection]:
+    """``with transaction(path) as con``: one write transaction; the lock is taken up front (``BEGIN
+    IMMEDIATE``) so concurrent writers queue, never deadlock; rolled back on any exception."""
+    con = connect(path, timeout=timeout)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+def create_schema(path: str | Path, *, timeout: float = 60.0) -> None:
+    """Create every table of ``runs.db`` in one transaction (``executescript`` would commit each statement on
+    its own, and a reader could see ``runs`` without ``epochs``)."""
+    con = connect(path, timeout=timeout)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")  # persistent; cannot change inside a transaction
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    con.execute(statement)
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+def has_schema(con: sqlite3.Connection) -> bool:
+    """Whether ``con``'s database holds the results tables (``runs`` and ``epochs``; ``sweep_runs`` is absent
+    from databases written before it joined the schema). False for a database another process is still
+    creating; a file that is not SQLite raises ``sqlite3.DatabaseError``."""
+    names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    return {"runs", "epochs"} <= names
 
 
 def _json(value: Any) -> str:
@@ -60,30 +129,13 @@ class ResultsDB:
         self.path = Path(path)
         self.timeout = timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(_SCHEMA)
+        create_schema(self.path, timeout=timeout)
 
     def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-        con.row_factory = sqlite3.Row
-        con.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-        return con
+        return connect(self.path, timeout=self.timeout)
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; the lock is taken up front so concurrent writers queue, never deadlock."""
-        con = self._connect()
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                yield con
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
-        finally:
-            con.close()
+    def _write(self):
+        return transaction(self.path, timeout=self.timeout)
 
     def start_run(self, run_id: str, *, config: dict[str, Any], run_dir: str | Path | None = None) -> None:
         """Record a run as ``running``; a resumed run keeps its row and epochs and is marked running again."""

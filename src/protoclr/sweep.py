@@ -51,6 +51,7 @@ import yaml
 
 from protoclr import atomic
 from protoclr.config import Config, ConfigError, apply_overrides, config_from_dict, read_yaml
+from protoclr.results import ResultsDB, connect, transaction
 
 # What protoclr.report draws for a sweep; "" = training curves only.
 STUDIES = ("", "loss_balance", "augmentation", "similarity", "class_balance", "bounds", "targets")
@@ -280,66 +281,18 @@ def expand(sweep: Sweep, *, extra: list[str] | None = None) -> list[RunSpec]:
 # the claims table
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sweep_runs (
-    run_id TEXT PRIMARY KEY,
-    sweep TEXT NOT NULL,
-    study TEXT NOT NULL,
-    point TEXT NOT NULL,        -- JSON grid values
-    seed INTEGER NOT NULL,
-    spec TEXT NOT NULL,         -- JSON: config, evaluate, overrides, base, source, command
-    state TEXT NOT NULL,        -- pending | done | failed
-    host TEXT, pid INTEGER, pid_start TEXT, heartbeat REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    message TEXT,
-    updated REAL NOT NULL
-);
-"""
-
-
-def _connect(db_path: Path) -> sqlite3.Connection:
-    con = sqlite3.connect(db_path, timeout=60.0, isolation_level=None)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA busy_timeout=60000")
-    return con
-
-
 def init_db(db_path: str | Path) -> Path:
-    """Create ``runs.db`` (the engine's tables through ResultsDB) and the ``sweep_runs`` table."""
-    from protoclr.results import ResultsDB
-
+    """Create ``runs.db`` with every table (the engine's and ``sweep_runs``) in one transaction."""
     db_path = Path(db_path)
     ResultsDB(db_path)
-    con = _connect(db_path)
-    try:
-        con.executescript(_SCHEMA)
-    finally:
-        con.close()
     return db_path
-
-
-class _Tx:
-    """``with _Tx(path) as con``: one BEGIN IMMEDIATE transaction (writers queue on the lock)."""
-
-    def __init__(self, db_path: Path):
-        self.con = _connect(db_path)
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.con.execute("BEGIN IMMEDIATE")
-        return self.con
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.con.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self.con.close()
 
 
 def register(db_path: Path, sweep: Sweep, runs: list[RunSpec], *, command: str) -> None:
     """Insert the sweep's runs as ``pending``; a run already there keeps its row (state, claim, and the
     command that first registered it)."""
     now = time.time()
-    with _Tx(db_path) as con:
+    with transaction(db_path) as con:
         for r in runs:
             spec = {"config": r.config, "evaluate": asdict(sweep.evaluate), "overrides": r.overrides,
                     "base": str(sweep.base) if sweep.base else None, "source": sweep.source, "command": command}
@@ -375,7 +328,7 @@ def _alive(host: str | None, pid: int | None, pid_start: str | None, heartbeat: 
 def claim(db_path: Path, rid: str, *, retry_failed: bool = False) -> bool:
     """Take run ``rid`` for this process if it is not done and no live process holds it."""
     me = os.getpid()
-    with _Tx(db_path) as con:
+    with transaction(db_path) as con:
         row = con.execute("SELECT * FROM sweep_runs WHERE run_id=?", (rid,)).fetchone()
         if row is None or row["state"] == "done" or (row["state"] == "failed" and not retry_failed):
             return False
@@ -399,7 +352,7 @@ def reopen_finished(db_path: Path, ids: list[str]) -> int:
     """Mark the done runs among ``ids`` whose training finished as pending again (``--reevaluate``): a worker
     then finds the final checkpoint, trains nothing and records fresh final probes. Returns how many."""
     wanted = set(ids)
-    with _Tx(db_path) as con:
+    with transaction(db_path) as con:
         todo = [r["run_id"] for r in con.execute(
             "SELECT s.run_id FROM sweep_runs s JOIN runs r ON r.run_id = s.run_id "
             "WHERE s.state='done' AND r.status='finished'") if r["run_id"] in wanted]
@@ -409,7 +362,7 @@ def reopen_finished(db_path: Path, ids: list[str]) -> int:
 
 
 def release(db_path: Path, rid: str, state: str, message: str | None = None) -> None:
-    with _Tx(db_path) as con:
+    with transaction(db_path) as con:
         con.execute("UPDATE sweep_runs SET state=?, message=?, pid=NULL, host=NULL, attempts=0, updated=?"
                     " WHERE run_id=?", (state, message, time.time(), rid))
 
@@ -417,7 +370,7 @@ def release(db_path: Path, rid: str, state: str, message: str | None = None) -> 
 def _heartbeat(db_path: Path, rid: str, stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_SECONDS):
         try:
-            with _Tx(db_path) as con:
+            with transaction(db_path) as con:
                 con.execute("UPDATE sweep_runs SET heartbeat=? WHERE run_id=? AND pid=?", (time.time(), rid,
                                                                                           os.getpid()))
         except sqlite3.Error:
@@ -426,7 +379,7 @@ def _heartbeat(db_path: Path, rid: str, stop: threading.Event) -> None:
 
 def sweep_states(db_path: Path, ids: list[str]) -> dict[str, dict[str, Any]]:
     """run_id -> {state, attempts, message, status (the engine's), alive} for the given runs."""
-    con = _connect(db_path)
+    con = connect(db_path)
     try:
         out = {}
         for rid in ids:
@@ -524,10 +477,9 @@ def execute_run(db_path: Path, rid: str) -> str:
     probe the result; returns the state recorded (``done`` or ``failed``). The caller holds the claim."""
     from protoclr import checkpoint as ckpt
     from protoclr.data import uniform_subset
-    from protoclr.results import ResultsDB
     from protoclr.train import TrainingDiverged, class_profiled, load_data, load_run, pretrain
 
-    con = _connect(db_path)
+    con = connect(db_path)
     try:
         spec = json.loads(con.execute("SELECT spec FROM sweep_runs WHERE run_id=?", (rid,)).fetchone()["spec"])
     finally:
@@ -698,12 +650,12 @@ def slurm_scripts(runs: list[RunSpec], *, out: Path, partition: str = "", time_m
 
 def prepare_jobs(db_path: Path, runs: list[RunSpec], *, out: Path) -> None:
     """Copy each run's ``sweep_runs`` row into its job database ``<out>/jobs/<rid>/runs.db``."""
-    src = _connect(db_path)
+    src = connect(db_path)
     try:
         for r in runs:
             row = dict(src.execute("SELECT * FROM sweep_runs WHERE run_id=?", (r.run_id,)).fetchone())
             job_db = init_db(out / "jobs" / r.run_id / "runs.db")
-            with _Tx(job_db) as con:
+            with transaction(job_db) as con:
                 cols = ", ".join(row)
                 con.execute(f"INSERT OR REPLACE INTO sweep_runs ({cols}) VALUES ({', '.join('?' * len(row))})",
                             tuple(row.values()))
@@ -717,7 +669,7 @@ def merge_databases(target: Path, sources: list[Path]) -> int:
     init_db(target)
     merged = 0
     for s in sources:
-        con = _connect(target)
+        con = connect(target)
         try:
             con.execute("ATTACH DATABASE ? AS src", (str(s),))
             con.execute("BEGIN IMMEDIATE")
@@ -910,7 +862,7 @@ def _internal_main(argv: list[str]) -> int:
         job_db = init_db(Path(argv[1]) / "runs.db")
         rid, extra = argv[2], argv[3:]
         if extra:  # e.g. trainer.devices from the job's allocation; not part of the run id
-            with _Tx(job_db) as con:
+            with transaction(job_db) as con:
                 spec = json.loads(con.execute("SELECT spec FROM sweep_runs WHERE run_id=?", (rid,)).fetchone()[0])
                 spec["config"] = apply_overrides(config_from_dict(spec["config"]), extra).to_dict()
                 con.execute("UPDATE sweep_runs SET spec=? WHERE run_id=?", (json.dumps(spec), rid))

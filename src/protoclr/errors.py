@@ -1,0 +1,27 @@
+"""User errors: mistakes in what the user asked for, reported by the CLI as one line with exit status 2.
+
+Each message names the culprit (the file, key, dataset or run) and says what to do. ``protoclr`` prints
+``protoclr COMMAND: MESSAGE`` without a traceback; ``--debug`` (or ``PROTOCLR_DEBUG=1``) shows it.
+Errors that are not the user's (a bug, a diverged run) are not ``UserError``s.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Something the user can fix: the message names it and says how."""
+
+
+class DatasetNotFound(UserError, FileNotFoundError):
+    """A dataset that is neither on disk nor obtainable here."""
+
+
+class NotACheckpoint(UserError):
+    """A file or folder given as a run or checkpoint that is not one protoclr wrote."""
+
+
+class NotADatabase(UserError):
+    """A file given as ``runs.db`` that is not a protoclr results database (or holds no tables yet)."""
+
+
+__all__ = ["DatasetNotFound", "NotACheckpoint", "NotADatabase", "UserError"]
