@@ -163,5 +163,7 @@ def test_empty_database_says_so(tmp_path):
 
 
 def test_missing_database_is_a_clear_error(tmp_path, capsys):
-    assert R.cli_main([str(tmp_path / "nope.db"), "--out", str(tmp_path / "r")]) == 2
+    from protoclr.cli import main
+
+    assert main(["report", str(tmp_path / "nope.db"), "--out", str(tmp_path / "r")]) == 2
     assert "nope.db does not exist" in capsys.readouterr().err

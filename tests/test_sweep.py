@@ -87,7 +87,9 @@ def test_parse_grid_arg_values_and_brackets():
     ("loss.alpha=fast", "expected a number"),
 ])
 def test_bad_grid_names_the_argument(arg, why, capsys):
-    rc = S.cli_main(["--grid", arg, "--plan", "--out", "/nonexistent/never-created", str(_base_config_file())])
+    from protoclr.cli import main
+
+    rc = main(["sweep", "--grid", arg, "--plan", "--out", "/nonexistent/never-created", str(_base_config_file())])
     err = capsys.readouterr().err
     assert rc == 2
     assert f"--grid {arg!r}" in err and why in err

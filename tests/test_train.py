@@ -233,9 +233,11 @@ def test_divergence_guard_stops_and_keeps_last_good_checkpoint(tmp_path, fashion
 
 
 def test_cli_config_errors_dry_run_and_print_config(tmp_path, capsys, fashion_mnist_dir):
-    assert cli_main(["train.batch_size=1"]) == 2
+    from protoclr.cli import main
+
+    assert main(["pretrain", "train.batch_size=1"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
-    assert cli_main(["optim.nope=1"]) == 2
+    assert main(["pretrain", "optim.nope=1"]) == 2
     assert "optim.nope" in capsys.readouterr().err
     assert cli_main(["--print-config", "optim.base_lr=0.6"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["optim"]["base_lr"] == 0.6

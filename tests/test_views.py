@@ -512,10 +512,12 @@ def test_cli_in_memory_dataset(tmp_path):
 
 
 def test_cli_bad_input_is_one_message(tmp_path, capsys):
-    rc = views.cli_main(["--dataset", "image_folder", "--root", str(tmp_path / "missing"), "--out", "x.png"])
+    from protoclr.cli import main
+
+    rc = main(["views", "--dataset", "image_folder", "--root", str(tmp_path / "missing"), "--out", "x.png"])
     err = capsys.readouterr().err
     assert rc == 2 and "not found" in err and "Traceback" not in err
-    rc = views.cli_main(["--dataset", "image_folder", "--root", str(tmp_path), "--modifier", "no_flip"])
+    rc = main(["views", "--dataset", "image_folder", "--root", str(tmp_path), "--modifier", "no_flip"])
     assert rc == 2 and "unknown view modifier" in capsys.readouterr().err
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from protoclr import atomic
+from protoclr.errors import NotACheckpoint
 
 
 def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
@@ -22,9 +23,26 @@ def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
     atomic.torch_save(obj, path)
 
 
+REQUIRED_KEYS = ("model", "config", "in_channels")
+
+
 def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint written by :func:`atomic_save` (tensors and containers only: ``weights_only=True``)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """A checkpoint written by :func:`atomic_save` (tensors and containers only: ``weights_only=True``).
+
+    Raises :class:`~protoclr.errors.NotACheckpoint` naming ``path`` for a missing file, a file torch cannot
+    read, or a readable file that lacks a protoclr checkpoint's keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotACheckpoint(f"{path}: no such checkpoint file; pass a run folder holding checkpoint.pt or the file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors all mean "not one of ours"
+        raise NotACheckpoint(f"{path} is not a protoclr checkpoint (torch cannot read it as a weights-only file: "
+                             f"{type(e).__name__}); pass the checkpoint.pt of a run") from e
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise NotACheckpoint(f"{path} is a torch file but not a protoclr checkpoint (it lacks "
+                             f"{', '.join(REQUIRED_KEYS)}); pass the checkpoint.pt of a run")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

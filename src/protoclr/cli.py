@@ -3,6 +3,10 @@
 Each subcommand lives in the module that owns it as ``cli_main(argv: list[str]) -> int``; this file only
 dispatches, so importing the CLI does not import torch until a subcommand runs.
 
+User errors (:class:`protoclr.errors.UserError`: a config, sweep file, dataset, checkpoint or database that is
+missing or wrong, and a missing or unreadable file) end the command with one line naming the culprit and exit
+status 2; ``--debug`` anywhere on the command line, or ``PROTOCLR_DEBUG=1``, shows the traceback instead.
+
     protoclr demo                      # the default CPU job end to end
     protoclr pretrain --config C.yaml key=value ...
     protoclr evaluate RUN_DIR --knn --linear cached
@@ -13,6 +17,7 @@ dispatches, so importing the CLI does not import torch until a subcommand runs.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> ("module", "function", "one-line help")
@@ -34,8 +39,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("PROTOCLR_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in {"-h", "--help"}:
         print(_usage())
         return 0
@@ -44,12 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"protoclr: unknown command {name!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    func = getattr(module, func_name, None)
-    if func is None:
-        print(f"protoclr: command {name!r} is not available in this version.", file=sys.stderr)
+    from protoclr.errors import UserError
+
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(rest) or 0)
+    except (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        if debug:
+            raise
+        print(f"protoclr {name}: {_one_line(e)} (--debug shows the traceback)", file=sys.stderr)
         return 2
-    return int(func(rest) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"protoclr {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ from typing import Any
 
 import yaml
 
+from protoclr.errors import UserError
+
 # target.name values (the loop in protoclr.train implements each; docs/training.md describes them)
 TARGETS = ("shared", "stop_gradient", "momentum", "multi_view_mean")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key that is unknown, has the wrong type, or is out of range (the message names the key)."""
 
 
@@ -232,6 +234,9 @@ class Config:
              f"a queue adds negatives to candidates drawn from every view (negatives='all': nt_xent, "
              f"generalized_nt_xent, decoupled); loss.name={lo.name} does not use them"),
         ]
+        from protoclr.data import DATASETS  # the loaders' name table (imports torch: only when validating)
+
+        checks.append(("data.dataset", d.dataset in DATASETS, f"unknown dataset; choose one of {', '.join(DATASETS)}"))
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{key}: {why}, got {_get(self, key)!r}")
@@ -306,7 +311,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.base_lr=0.6")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_error_text(e)})") from None
         *path, last = key.strip().split(".")
         nested: dict[str, Any] = {last: value}
         for part in reversed(path):
@@ -340,11 +348,28 @@ def read_yaml(path: str | Path) -> Any:
     """The YAML file at ``path`` with safe types only; a key given twice in one mapping is a ConfigError."""
     path = Path(path)
     try:
-        return yaml.load(path.read_text(), Loader=_StrictLoader)  # a SafeLoader: safe types only
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; check the path (configs/ holds the shipped configs)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; pass a YAML file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e.__class__.__name__}: {e}); pass a readable YAML file") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: safe types only
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error_text(e)}") from None
+
+
+def yaml_error_text(e: yaml.YAMLError) -> str:
+    """One line: where (line, column) and what PyYAML found wrong."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"{where}{what}" + (f" ({context})" if context else "")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -37,6 +37,7 @@ from PIL import Image
 from torch import Tensor
 
 from protoclr import atomic
+from protoclr.errors import DatasetNotFound, UnknownChoice
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -54,6 +55,9 @@ FASHION_MNIST_CLASSES = [
 ]
 _REPO = Path(__file__).resolve().parents[2]
 _DECODE_CHUNK = 4096  # files read before a parallel decode; bounds the memory of raw bytes held at once
+# How a user points at a dataset or asks for its download, in every message that says so.
+_ROOT = "root= (config: data.root; CLI: --root)"
+_DOWNLOAD = "download=True (config: data.download=true; CLI: --download)"
 _SHOW_BAD = 20  # bad files listed in an error message before "... and N more"
 
 
@@ -348,7 +352,7 @@ def _classes_from_members(files: list[str], source: Path) -> tuple[list[str], li
 
 def _resolve_folder(root: str | Path | None, split: str) -> Path:
     if root is None:
-        raise FileNotFoundError(
+        raise DatasetNotFound(
             "image_folder needs root=: a <root>/<class>/<image> directory, a zip archive with that layout, or a "
             f"folder holding {split}.zip or {split}/."
         )
@@ -360,9 +364,9 @@ def _resolve_folder(root: str | Path | None, split: str) -> Path:
         return root / split
     if root.is_dir():
         return root
-    raise FileNotFoundError(
+    raise DatasetNotFound(
         f"image folder not found: looked for {root} (a directory or .zip), {root / (split + '.zip')} and "
-        f"{root / split}; pass root= (CLI: --root) pointing at a <class>/<image> tree or a zip archive of one."
+        f"{root / split}; pass {_ROOT} pointing at a <class>/<image> tree or a zip archive of one."
     )
 
 
@@ -410,7 +414,7 @@ def load_image_folder(
     else:
         files = _folder_members(source)
         if not files:
-            raise FileNotFoundError(
+            raise DatasetNotFound(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {source}; an image folder is laid out as "
                 "<root>/<class>/<image>."
             )
@@ -483,10 +487,10 @@ def _shared_cifar10_jpeg(root: str | Path | None) -> Path:
     for c in cands:
         if (c / "train.zip").is_file() or (c / "test.zip").is_file():
             return c
-    raise FileNotFoundError(
+    raise DatasetNotFound(
         "cifar10_zip not found: looked for train.zip/test.zip in "
         + ", ".join(str(c) for c in cands)
-        + ". Point root= (CLI: --root) or $PROTOCLR_CIFAR10_JPEG at the folder holding the CIFAR-10 JPEG zips, "
+        + f". Point {_ROOT} or $PROTOCLR_CIFAR10_JPEG at the folder holding the CIFAR-10 JPEG zips, "
         "or use dataset cifar10 with download=True."
     )
 
@@ -505,13 +509,13 @@ def load_cifar10_zip(
 
 def _check_split(name: str, split: str, allowed: tuple[str, ...]) -> None:
     if split not in allowed:
-        raise ValueError(f"{name} has splits {', '.join(allowed)}; got split={split!r}.")
+        raise UnknownChoice(f"{name} has splits {', '.join(allowed)}; got split={split!r}.")
 
 
 def _need(name: str, files: list[Path], how: str) -> None:
     missing = [f for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"{name} not found: looked for {', '.join(map(str, missing))}. {how}")
+        raise DatasetNotFound(f"{name} not found: looked for {', '.join(map(str, missing))}. {how}")
 
 
 def _torchvision_download(cls_name: str, root: Path, **kw: Any) -> None:
@@ -542,7 +546,7 @@ def load_cifar(
     needed = [base / p for p in [*parts, meta]]
     if download and not all(p.is_file() for p in needed):
         _torchvision_download(tv, root)
-    _need(name, needed, f"Pass download=True (CLI: --download) to fetch it into {root}, or root= where it lives.")
+    _need(name, needed, f"Pass {_DOWNLOAD} to fetch it into {root}, or root= where it lives.")
     xs, ys = [], []
     for p in parts:
         d = _unpickle(base / p)
@@ -564,7 +568,7 @@ def load_stl10(*, split: str = "train", root: str | Path | None = None, download
         needed.append(base / f"{split}_y.bin")
     if download and not all(p.is_file() for p in needed):
         _torchvision_download("STL10", root, split=split)
-    _need("stl10", needed, f"Pass download=True (CLI: --download) to fetch it into {root}, or root= where it lives.")
+    _need("stl10", needed, f"Pass {_DOWNLOAD} to fetch it into {root}, or root= where it lives.")
     x = np.fromfile(base / f"{split}_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
     if split == "unlabeled":
         y = np.full(x.shape[0], -1, dtype=np.int64)
@@ -619,11 +623,11 @@ def load_fashion_mnist(
             _torchvision_download("FashionMNIST", data_root)
         else:
             break
-    raise FileNotFoundError(
+    raise DatasetNotFound(
         f"fashion_mnist not found: looked for {stem}-images-idx3-ubyte[.gz] in "
         + ", ".join(map(str, dirs))
         + ". Install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or pass "
-        f"download=True (CLI: --download) to fetch it into {data_root}."
+        f"{_DOWNLOAD} to fetch it into {data_root}."
     )
 
 
@@ -645,7 +649,7 @@ def load_imagenet_lt(
     """
     _check_split("imagenet_lt", split, ("train", "val", "test"))
     if root is None:
-        raise FileNotFoundError("imagenet_lt needs root= (CLI: --root): the ImageNet folder holding train/ and val/.")
+        raise DatasetNotFound(f"imagenet_lt needs {_ROOT}: the ImageNet folder holding train/ and val/.")
     root = Path(root).expanduser()
     list_file = Path(lists).expanduser() if lists is not None else root
     if list_file.is_dir():
@@ -671,7 +675,7 @@ def load_imagenet_lt(
         classes[y] = classes[y] or PurePosixPath(f).parent.name
     missing = [f for f in files[:1000] if not (root / f).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise DatasetNotFound(
             f"imagenet_lt: {len(missing)} listed images missing under {root}, e.g. {root / missing[0]}. {how}"
         )
     ds = LabeledImages(
@@ -738,7 +742,7 @@ def load_dataset(
 ) -> LabeledImages:
     """Load dataset ``name`` (a key of ``DATASETS``); ``options`` go to its loader (e.g. ``on_bad="skip"``)."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+        raise UnknownChoice(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     return DATASETS[name](split=split, root=root, download=download, **options)
 
 

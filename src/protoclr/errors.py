@@ -12,6 +12,10 @@ class UserError(Exception):
     """Something the user can fix: the message names it and says how."""
 
 
+class UnknownChoice(UserError, ValueError):
+    """A name that is not in the table it must come from (a dataset, split, preset)."""
+
+
 class DatasetNotFound(UserError, FileNotFoundError):
     """A dataset that is neither on disk nor obtainable here."""
 
@@ -24,4 +28,4 @@ class NotADatabase(UserError):
     """A file given as ``runs.db`` that is not a protoclr results database (or holds no tables yet)."""
 
 
-__all__ = ["DatasetNotFound", "NotACheckpoint", "NotADatabase", "UserError"]
+__all__ = ["DatasetNotFound", "NotACheckpoint", "NotADatabase", "UnknownChoice", "UserError"]

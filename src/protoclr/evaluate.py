@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from protoclr import atomic
+from protoclr.errors import NotACheckpoint, UserError
 
 # Similarity block budget for kNN when no chunk size is given: rows * N * 4 bytes stays under this.
 _KNN_BLOCK_BYTES = 64 * 2**20
@@ -560,12 +561,12 @@ def cli_main(argv: list[str]) -> int:
 
     args = _parser().parse_args(argv)
     if args.k <= 0 or args.temperature <= 0 or args.batch_size <= 0 or args.epochs <= 0:
-        raise SystemExit("protoclr evaluate: --k, --temperature, --batch-size and --epochs must be positive.")
+        raise UserError("--k, --temperature, --batch-size and --epochs must be positive")
     do_knn = args.knn or not args.linear
     path = Path(args.path)
     ckpt = path / "checkpoint.pt" if path.is_dir() else path
     if not ckpt.is_file():
-        raise SystemExit(f"protoclr evaluate: no checkpoint at {ckpt}; pass a run folder or a checkpoint file.")
+        raise NotACheckpoint(f"no checkpoint at {ckpt}; pass a run folder or a checkpoint file")
     run_dir = ckpt.parent
     encoder, cfg = load_run(ckpt, map_location=args.device)
     encoder.to(args.device).eval()

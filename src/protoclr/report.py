@@ -18,7 +18,6 @@ import html
 import json
 import math
 import sqlite3
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,7 +120,7 @@ def load_groups(db_path: str | Path) -> tuple[list[Group], dict[str, int]]:
     group each (point = {})."""
     db_path = Path(db_path)
     if not db_path.is_file():
-        raise FileNotFoundError(f"{db_path} does not exist; pass the runs.db a sweep or pretraining wrote")
+        raise NotADatabase(f"{db_path} does not exist; pass the runs.db a sweep or pretraining wrote")
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     con.row_factory = sqlite3.Row
     try:
@@ -663,11 +662,7 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--title", default="protoclr results")
     p.add_argument("--note", default="", help="a paragraph placed under the title (e.g. 'partial: ...')")
     args = p.parse_args(argv)
-    try:
-        md = write_report(args.db, args.out, title=args.title, note=args.note)
-    except (FileNotFoundError, NotADatabase) as e:
-        print(f"protoclr report: {e}", file=sys.stderr)
-        return 2
+    md = write_report(args.db, args.out, title=args.title, note=args.note)
     print(f"wrote {md} and {md.with_name('report.html')}")
     return 0
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from protoclr.atomic import json_clean
+from protoclr.errors import NotADatabase
 
 STATUSES = ("running", "finished", "diverged", "failed", "interrupted")
 
@@ -93,9 +94,18 @@ def transaction(path: str | Path, *, timeout: float = 60.0) -> Iterator[sqlite3.
 def create_schema(path: str | Path, *, timeout: float = 60.0) -> None:
     """Create every table of ``runs.db`` in one transaction (``executescript`` would commit each statement on
     its own, and a reader could see ``runs`` without ``epochs``)."""
-    con = connect(path, timeout=timeout)
     try:
-        con.execute("PRAGMA journal_mode=WAL")  # persistent; cannot change inside a transaction
+        con = connect(path, timeout=timeout)
+    except sqlite3.OperationalError as e:  # a folder, or a path that cannot be created
+        raise NotADatabase(f"{path}: cannot open it as a results database ({e}); pass a runs.db file path") from None
+    try:
+        try:
+            con.execute("PRAGMA journal_mode=WAL")  # persistent; cannot change inside a transaction
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+                raise
+            raise NotADatabase(f"{path} is not an SQLite database; pass the runs.db a sweep or pretraining wrote, "
+                               "or a path where none exists yet") from None
         con.execute("BEGIN IMMEDIATE")
         try:
             for statement in _SCHEMA.split(";"):

@@ -51,7 +51,8 @@ import yaml
 
 from protoclr import atomic
 from protoclr.config import Config, ConfigError, apply_overrides, config_from_dict, read_yaml
-from protoclr.results import ResultsDB, connect, transaction
+from protoclr.errors import NotADatabase, UserError
+from protoclr.results import ResultsDB, connect, has_schema, transaction
 
 # What protoclr.report draws for a sweep; "" = training curves only.
 STUDIES = ("", "loss_balance", "augmentation", "similarity", "class_balance", "bounds", "targets")
@@ -63,7 +64,7 @@ MAX_ATTEMPTS = 3  # claims of one run whose worker died; then the run is recorde
 _ID_EXCLUDED = ("train.out_dir", "train.run_name", "data.root", "data.num_workers", "data.download", "trainer")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A malformed sweep (the message names the offending argument or file key)."""
 
 
@@ -669,6 +670,14 @@ def merge_databases(target: Path, sources: list[Path]) -> int:
     init_db(target)
     merged = 0
     for s in sources:
+        probe = connect(s)
+        try:
+            if not has_schema(probe):
+                raise NotADatabase(f"{s} holds no protoclr tables; remove it or rerun its job")
+        except sqlite3.DatabaseError:
+            raise NotADatabase(f"{s} is not an SQLite database; remove it or rerun its job") from None
+        finally:
+            probe.close()
         con = connect(target)
         try:
             con.execute("ATTACH DATABASE ? AS src", (str(s),))
@@ -782,15 +791,10 @@ def cli_main(argv: list[str]) -> int:
         n = merge_databases(out / "runs.db", sources)
         print(f"merged {n} runs from {len(sources)} job databases into {out / 'runs.db'}")
         return 0
-    try:
-        sweep = build_sweep(args)
-        runs = expand(sweep, extra=args.set)
-    except SweepError as e:
-        print(f"protoclr sweep: {e}", file=sys.stderr)
-        return 2
+    sweep = build_sweep(args)  # user errors reach protoclr.cli, which prints them as one line
+    runs = expand(sweep, extra=args.set)
     if args.workers < 1:
-        print(f"protoclr sweep: --workers {args.workers}: must be >= 1", file=sys.stderr)
-        return 2
+        raise SweepError(f"--workers {args.workers}: must be >= 1")
     out = Path(args.out or f"runs/sweeps/{sweep.name}")
     points = len(runs) // sweep.seeds
     print(f"sweep {sweep.name}: {points} point(s) x {sweep.seeds} seed(s) = {len(runs)} runs -> {out}/runs.db")

@@ -827,11 +827,7 @@ def _resolve(args: argparse.Namespace) -> Config:
 
 def cli_main(argv: list[str]) -> int:
     args = _parser("protoclr pretrain").parse_args(argv)
-    try:
-        cfg = _resolve(args)
-    except ConfigError as e:
-        print(f"protoclr pretrain: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = _resolve(args)  # user errors reach protoclr.cli, which prints them as one line
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
@@ -840,9 +836,6 @@ def cli_main(argv: list[str]) -> int:
     except TrainingDiverged as e:
         print(f"protoclr pretrain: {e}", file=sys.stderr)
         return 1
-    except ConfigError as e:
-        print(f"protoclr pretrain: config error: {e}", file=sys.stderr)
-        return 2
     if args.dry_run:
         print(f"dry run ok: built {cfg.model.backbone} + {cfg.model.projector_layers}-layer projector, "
               f"{cfg.loss.name} loss, {cfg.optim.name}; ran 2 steps on fake {cfg.data.views} views (batch <= 8)")

@@ -631,6 +631,7 @@ def _parse_value(text: str) -> Any:
 def cli_main(argv: list[str]) -> int:
     """``protoclr views``: save a PNG grid of images and their augmented views."""
     from protoclr import data
+    from protoclr.errors import UserError
 
     ap = argparse.ArgumentParser(prog="protoclr views", description=cli_main.__doc__)
     ap.add_argument("--dataset", required=True, help=f"one of {', '.join(data.DATASETS)}")
@@ -689,9 +690,8 @@ def cli_main(argv: list[str]) -> int:
             originals=originals,
             cell=args.cell,
         )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"protoclr views: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a bad preset, modifier or field: the user's, reported as one line by protoclr.cli
+        raise UserError(str(e)) from e
     import torchvision.utils as vutils
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,100 @@
+"""Every CLI user error is one line naming the culprit, exit status 2, no traceback; --debug shows it."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from protoclr.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _files(tmp: Path) -> dict[str, Path]:
+    """The culprits: each a path a user might pass by mistake."""
+    f = {
+        "missing": tmp / "missing.yaml",
+        "folder": tmp / "a_folder",
+        "binary": tmp / "binary.yaml",
+        "bad_yaml": tmp / "bad.yaml",
+        "junk": tmp / "junk.pt",
+        "torch_dict": tmp / "weights.pt",
+        "junk_db": tmp / "junk.db",
+        "empty_db": tmp / "empty.db",
+        "bad_sweep": tmp / "sweep.yaml",
+    }
+    f["folder"].mkdir()
+    f["binary"].write_bytes(b"\xff\xfe\x00garbage\xff")
+    f["bad_yaml"].write_text("train:\n  epochs: [1, 2\n")
+    f["junk"].write_text("not a checkpoint\n" * 10)
+    torch.save({"weight": torch.zeros(2)}, f["torch_dict"])
+    f["junk_db"].write_text("not a database\n" * 100)
+    sqlite3.connect(f["empty_db"]).close()
+    f["bad_sweep"].write_text("grid: {loss.alpha: [1, 2}\n")
+    return f
+
+
+# (command line with {name} placeholders for _files paths, text the one line must contain)
+CASES = [
+    ("pretrain --config {missing}", "missing.yaml: no such file"),
+    ("pretrain --config {folder}", "a_folder is a folder"),
+    ("pretrain --config {binary}", "binary.yaml: cannot read it"),
+    ("pretrain --config {bad_yaml}", "bad.yaml: not valid YAML: line 3"),
+    ("pretrain data.dataset=cifar11", "data.dataset: unknown dataset"),
+    ("pretrain data.dataset=cifar10 data.root={folder}", "cifar10 not found"),
+    ("pretrain train.epochs=two", "train.epochs: expected an integer"),
+    ("pretrain --resume {folder}", "holds no checkpoint.pt"),
+    ("evaluate {junk}", "junk.pt is not a protoclr checkpoint"),
+    ("evaluate {torch_dict}", "weights.pt is a torch file but not a protoclr checkpoint"),
+    ("evaluate {folder}", "no checkpoint at"),
+    ("diagnose {junk}", "junk.pt is not a protoclr checkpoint"),
+    ("report {junk_db} --out {folder}", "junk.db is not an SQLite database"),
+    ("report {empty_db} --out {folder}", "empty.db holds no protoclr tables"),
+    ("report {missing} --out {folder}", "missing.yaml does not exist"),
+    ("sweep {missing}", "missing.yaml does not exist"),
+    ("sweep {bad_sweep}", "sweep.yaml: not valid YAML"),
+    ("sweep {bad_sweep} --out {junk_db}", "sweep.yaml: not valid YAML"),
+    ("views --dataset cifar11", "unknown dataset 'cifar11'"),
+    ("views --dataset fashion_mnist --root {folder} --preset nope", "unknown view preset 'nope'"),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), CASES, ids=[c[0].split(" {")[0] + f"-{i}" for i, c in enumerate(CASES)])
+def test_user_error_is_one_line_with_status_2(line, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PROTOCLR_DEBUG", raising=False)
+    files = _files(tmp_path)
+    argv = [part.format(**files) for part in line.split()]
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1, out.err
+    assert expected in lines[0] and lines[0].startswith(f"protoclr {argv[0]}: "), lines[0]
+    assert "Traceback" not in out.err + out.out
+
+
+def test_merge_names_a_job_database_that_is_not_one(tmp_path, capsys):
+    job = tmp_path / "jobs" / "r1"
+    job.mkdir(parents=True)
+    (job / "runs.db").write_text("garbage\n" * 50)
+    assert main(["sweep", "--merge", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{job / 'runs.db'} is not an SQLite database" in err
+
+
+def test_the_installed_entry_point_prints_one_line_and_debug_shows_the_traceback(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "src"), "HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "protoclr.cli", "pretrain", "--config", str(tmp_path / "nope.yaml")]
+    plain = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
+    assert "nope.yaml: no such file" in plain.stderr
+    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+    via_env = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PROTOCLR_DEBUG": "1"}, cwd=tmp_path,
+                             timeout=120)
+    assert "Traceback" in via_env.stderr
