@@ -21,11 +21,11 @@ def test_defaults_are_the_cpu_default():
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  batch_size: 512\noptim:\n  base_lr: 0.3\n")
-    cfg = load_config(f, ["optim.base_lr=0.6", "trainer.devices=8", "data.view_modifiers=[a, b]",
+    cfg = load_config(f, ["optim.base_lr=0.6", "trainer.devices=8", "data.view_modifiers=[no_blur, add_cutout]",
                           "loss.similarity=dot", "model.small_images=false"])
     assert load_config(None, ["loss.similarity=neg_euclidean"]).loss.similarity == "neg_euclidean"
     assert cfg.train.batch_size == 512 and cfg.optim.base_lr == 0.6 and cfg.lr() == pytest.approx(1.2)
-    assert cfg.trainer.devices == "8" and cfg.data.view_modifiers == ["a", "b"]
+    assert cfg.trainer.devices == "8" and cfg.data.view_modifiers == ["no_blur", "add_cutout"]
     assert cfg.loss.similarity == "dot" and cfg.model.small_images is False
     assert isinstance(load_config(None, ["optim.base_lr=1"]).optim.base_lr, float)  # int accepted as float
     # the resolved config round-trips through YAML (what a run saves)

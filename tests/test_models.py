@@ -80,3 +80,22 @@ def test_no_weight_decay_on_biases_and_norms():
 def test_unknown_backbone_names_the_key():
     with pytest.raises(ValueError, match=r"model\.backbone"):
         build_encoder(ModelConfig(backbone="vit"), in_channels=3)
+
+
+def test_a_list_of_batches_is_encoded_part_by_part():
+    """Multi-crop: global and local views of different sizes in one forward, BatchNorm statistics per part."""
+    torch.manual_seed(0)
+    enc = build_encoder(ModelConfig(projector_hidden_dim=32, projector_dim=16, convnet_widths=[8, 16]),
+                        in_channels=3).train()
+    a, b = torch.randn(6, 3, 32, 32), torch.randn(9, 3, 16, 16)
+    h, z = enc([a, b])
+    h_ref = torch.cat([enc.backbone(a), enc.backbone(b)])  # train mode: the same per-part batch statistics
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(z, enc.projector(h_ref))
+    assert h.shape == (15, 16) and z.shape == (15, 16)
+
+
+def test_convnet_widths_set_depth_and_width():
+    enc = build_encoder(ModelConfig(convnet_widths=[16, 48, 40]), in_channels=1)
+    convs = [m for m in enc.backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 48, 40] and enc.feature_dim == 40

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 # 256 images, batch 64 -> 4 steps per epoch; monitors on 256 bank images and 200 test images.
 TINY = ["data.train_subset=256", "train.batch_size=64", "train.epochs=2", "model.projector_hidden_dim=64",
         "model.projector_dim=32", "monitor.knn_train_samples=256", "monitor.test_samples=200", "monitor.knn_k=20",
-        "trainer.progress=false", "train.log_every=1", "optim.warmup_epochs=0.5"]
+        "trainer.progress=false", "train.log_every=1", "optim.warmup_epochs=0.5", "trainer.precision=32-true"]
 
 
 def tiny(out_dir: Path, *overrides: str):
@@ -282,3 +282,47 @@ def test_monitors_score_a_draw_of_every_class_of_a_class_sorted_split():
     assert len(idx) == 1000 and bool((idx.diff() > 0).all()) and int(counts.min()) >= 70
     assert torch.equal(idx, held_out_indices(len(labels), samples=1000))  # the same images for every run
     assert torch.equal(held_out_indices(50, samples=0), torch.arange(50))
+
+
+def test_train_steps_spans_the_schedule_and_ends_in_a_cut_epoch(tmp_path, fashion_mnist_dir):
+    """train.steps=6 with 4 steps per epoch: two passes, the second cut after 2 steps; the cosine reaches 0 at
+    step 6 (not at 8) and the run is finished, not interrupted."""
+    run = pretrain(tiny(tmp_path, "train.steps=6", "train.epochs=99", "monitor.every=0"))
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [(e["epoch"], e["step"]) for e in epochs] == [(0, 4), (1, 6)]
+    ref = lr_schedule(peak=0.3 * 64 / 256, total_steps=6, warmup_steps=2)
+    assert [s["lr"] for s in steps] == pytest.approx(ref.tolist())
+    assert ResultsDB(tmp_path / "runs.db").get_run(run.name)["status"] == "finished"
+    assert ckpt.load(run / "checkpoint.pt")["step"] == 6
+
+
+def test_local_views_progressive_sizes_and_bf16_reach_the_encoder_and_loss(tmp_path, fashion_mnist_dir,
+                                                                          monkeypatch):
+    import protoclr.train as T
+    from protoclr.models import Encoder
+
+    seen_x, seen_z = [], []
+    forward, step_loss = Encoder.forward, T.contrastive_step_loss
+
+    def spy_forward(self, x):
+        if self.training:
+            seen_x.append(([tuple(xi.shape) for xi in (x if isinstance(x, list) else [x])],
+                           torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+        return forward(self, x)
+
+    def spy_loss(fn, kw, z, **k):
+        seen_z.append((tuple(z.shape), z.dtype))
+        return step_loss(fn, kw, z, **k)
+
+    monkeypatch.setattr(Encoder, "forward", spy_forward)
+    monkeypatch.setattr(T, "contrastive_step_loss", spy_loss)
+    run = pretrain(tiny(tmp_path, "data.local_views=3", "data.local_size=12", "data.view_sizes=16,28",
+                        "train.epochs=1", "monitor.every=0", "trainer.precision=bf16-mixed"))
+    small, full = [(128, 1, 16, 16), (192, 1, 12, 12)], [(128, 1, 28, 28), (192, 1, 12, 12)]
+    assert seen_x == [(small, torch.bfloat16)] * 2 + [(full, torch.bfloat16)] * 2  # 2 steps per size, autocast
+    assert seen_z == [((5, 64, 32), torch.float32)] * 4  # 2 global + 3 local views of 64 images
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records if r["kind"] == "step")
+    assert "bf16-mixed" in (run / "meta.json").read_text()

@@ -541,3 +541,37 @@ def test_float_input_equals_uint8_input():
     x = IMAGES["simclr_cifar"]
     spec = view_spec("simclr_cifar", ["add_cutout"])
     assert torch.allclose(_views(x.float() / 255, spec), _views(x, spec), atol=1e-6)
+
+
+def test_views_numbered_from_first_view_are_the_same_as_in_one_larger_call():
+    """Multi-crop's local views are views V.. of the image: a second call with first_view=V draws exactly the
+    parameters that views V.. of one call would have drawn, and none of the first call's."""
+    spec = view_spec("simclr_cifar")
+    imgs, idx = IMAGES["simclr_cifar"][:6], torch.tensor([5, 9, 11, 2, 7, 3])
+    four = make_views(imgs, spec, num_views=4, seed=3, epoch=2, indices=idx)
+    first = make_views(imgs, spec, num_views=2, seed=3, epoch=2, indices=idx)
+    rest = make_views(imgs, spec, num_views=2, seed=3, epoch=2, indices=idx, first_view=2)
+    torch.testing.assert_close(torch.cat([first, rest]), four, rtol=0, atol=0)
+    assert not torch.allclose(first, rest)
+
+
+def test_train_views_from_a_config_local_views_and_progressive_sizes():
+    from protoclr.config import load_config
+    from protoclr.views import train_views
+
+    cfg = load_config(None, ["data.views=simclr_cifar", "data.local_views=3", "data.local_size=12",
+                             "data.local_crop_scale=0.1,0.3", "data.view_sizes=16,24,32",
+                             'data.view_overrides=["crop_scale=[0.3, 1]", "brightness=0.1"]'])
+    tv = train_views(cfg.data)
+    assert tv.spec.crop_scale == (0.3, 1.0) and tv.spec.brightness == 0.1 and tv.spec.size == 32
+    assert tv.local.size == 12 and tv.local.crop_scale == (0.1, 0.3) and tv.local.brightness == 0.1
+    assert [tv.spec_at(s, 9).size for s in range(9)] == [16, 16, 16, 24, 24, 24, 32, 32, 32]
+    imgs, idx = IMAGES["simclr_cifar"][:5], torch.arange(5)
+    g, loc = tv.make(imgs, seed=0, epoch=0, indices=idx, step=4, total_steps=9)
+    assert g.shape == (2 * 5, 3, 24, 24) and loc.shape == (3 * 5, 3, 12, 12)
+    torch.testing.assert_close(loc, make_views(imgs, tv.local, num_views=3, seed=0, epoch=0, indices=idx,
+                                               first_view=2).flatten(0, 1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"data\.view_overrides: unknown ViewSpec field 'crop'"):
+        load_config(None, ["data.view_overrides=[crop=1]"])
+    with pytest.raises(ValueError, match=r"data\.views: unknown view preset 'simclr_tiny'"):
+        load_config(None, ["data.views=simclr_tiny"])

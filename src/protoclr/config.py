@@ -48,13 +48,29 @@ class DataConfig:
     imbalance_ratio: float = 100.0  # largest / smallest class size for longtail (and uniform's budget)
     views: str = "simclr_small"  # protoclr.views preset (simclr | simclr_cifar | simclr_small)
     view_modifiers: list[str] = field(default_factory=list)  # protoclr.views modifiers applied to the preset
-    num_views: int = 2  # V views per image
+    # ViewSpec fields set after the preset and modifiers, as field=value (value in YAML), e.g.
+    # ["crop_scale=[0.08, 1]", "brightness=0.8"]: the same syntax as `protoclr views --set`.
+    view_overrides: list[str] = field(default_factory=list)
+    num_views: int = 2  # V views per image at the preset's size (the "global" views)
+    # Multi-crop (Caron et al. 2020, SwAV): L extra small views per image, cut with local_crop_scale and resized
+    # to local_size pixels; they join the loss as positives of every other view of the image. A 16-pixel view
+    # costs about a quarter of a 32-pixel one, so 4 of them cost about 1 global view.
+    local_views: int = 0  # L; 0 = none
+    local_size: int = 16  # pixels
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])  # area fraction (lo, hi)
+    # Progressive resizing: the global views' size over training, in equal parts of the steps, e.g. [16, 24, 32]
+    # trains the first third at 16 px. [] = the preset's size throughout. Evaluation always uses the preset's size.
+    view_sizes: list[int] = field(default_factory=list)
     num_workers: int = 0  # DataLoader processes decoding batches ahead (file-backed datasets); 0 = in the loop
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "convnet"  # resnet18 | resnet50 | convnet (protoclr.models.BACKBONES)
+    # convnet: output channels of its stages (3x3 conv -> norm -> ReLU, max-pool between stages): the number of
+    # entries is the depth, the values the width. Cost grows with width squared: [64, 128, 256, 512] is ~2.7x
+    # slower than the default on a CPU.
+    convnet_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     small_images: bool = True  # resnet CIFAR stem: 3x3 conv stride 1, no max-pool
     norm: str = "batch"  # batch | group | none, in backbone and projector
     projector_layers: int = 3  # MLP depth (the paper: 3); 0 = identity
@@ -106,6 +122,10 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 2  # the CPU default: 2 x 234 steps, a few minutes on 2 cores
+    # Optimizer steps the schedule spans; 0 = `epochs` whole epochs. When set, `epochs` is ignored: the run makes
+    # ceil(steps / steps_per_epoch) passes over the data, the last one cut short (a budget in steps, e.g. from
+    # benchmarks/time_to_accuracy.py's minutes -> steps conversion).
+    steps: int = 0
     batch_size: int = 256  # global batch (all processes together)
     seed: int = 0  # model init, data order and views all derive from it
     max_steps: int = 0  # stop after this many optimizer steps (the schedule still spans `epochs`); 0 = no cap
@@ -142,8 +162,11 @@ class TrainerConfig:
     devices: str = "auto"  # per node: "auto", a count ("8") or a list ("0,1")
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp | ... (Fabric strategies)
-    precision: str = "auto"  # auto = 32-true on CPU, bf16-mixed on GPU; or any Fabric precision string
-    channels_last: bool = True  # memory format on GPU (ignored on CPU)
+    # auto = bf16-mixed on GPU and on CPUs with bf16 matrix units (AMX or AVX512-BF16: about 2x the fp32 speed
+    # of a convnet), 32-true on other CPUs; or any Fabric precision string. The run prints what it resolved to.
+    precision: str = "auto"
+    channels_last: bool = True  # NHWC memory format for the encoder and its input (GPU and CPU)
+    num_threads: int = 0  # torch intra-op threads per process; 0 = torch's default (the core count)
     compile: bool = False  # torch.compile the encoder
     sync_batchnorm: bool = True  # convert BatchNorm to SyncBatchNorm when world size > 1 (GPU only)
     loggers: list[str] = field(default_factory=lambda: ["tensorboard", "csv"])  # plus metrics.jsonl, always
@@ -177,6 +200,13 @@ class Config:
         d, m, lo, o, t, mo = self.data, self.model, self.loss, self.optim, self.train, self.monitor
         checks: list[tuple[str, bool, str]] = [
             ("data.num_views", d.num_views >= 2, "must be >= 2"),
+            ("data.local_views", d.local_views >= 0, "must be >= 0"),
+            ("data.local_size", d.local_size >= 4, "must be >= 4 pixels"),
+            ("data.local_crop_scale", len(d.local_crop_scale) == 2 and 0 < d.local_crop_scale[0]
+             <= d.local_crop_scale[1] <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1"),
+            ("data.view_sizes", all(s >= 4 for s in d.view_sizes), "every size must be >= 4 pixels"),
+            ("model.convnet_widths", len(m.convnet_widths) >= 1 and min(m.convnet_widths) >= 1,
+             "must list at least one stage width, each >= 1"),
             ("data.train_subset", d.train_subset >= 0, "must be >= 0"),
             ("data.num_workers", d.num_workers >= 0, "must be >= 0"),
             ("data.class_profile", d.class_profile in ("none", "longtail", "uniform"),
@@ -204,6 +234,8 @@ class Config:
             ("optim.final_lr_ratio", 0 <= o.final_lr_ratio <= 1, "must be in [0, 1]"),
             ("optim.lars_eta", o.lars_eta > 0, "must be > 0"),
             ("train.epochs", t.epochs >= 1, "must be >= 1"),
+            ("train.steps", t.steps >= 0, "must be >= 0 (0 = train.epochs whole epochs)"),
+            ("trainer.num_threads", self.trainer.num_threads >= 0, "must be >= 0 (0 = torch's default)"),
             ("train.batch_size", t.batch_size >= 2, "must be >= 2 (a contrastive batch needs negatives)"),
             ("train.max_steps", t.max_steps >= 0, "must be >= 0"),
             ("train.checkpoint_every", t.checkpoint_every >= 0, "must be >= 0"),
@@ -240,6 +272,17 @@ class Config:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{key}: {why}, got {_get(self, key)!r}")
+        from protoclr.views import MODIFIERS, PRESETS, config_view_spec
+
+        if d.views not in PRESETS:
+            raise ConfigError(f"data.views: unknown view preset {d.views!r}; choose one of {', '.join(PRESETS)}")
+        for mod in d.view_modifiers:
+            if mod not in MODIFIERS:
+                raise ConfigError(f"data.view_modifiers: unknown modifier {mod!r}; choose from {', '.join(MODIFIERS)}")
+        try:
+            config_view_spec(d)
+        except ValueError as e:
+            raise ConfigError(f"data.view_overrides: {e}") from None
         return self
 
 
@@ -253,11 +296,11 @@ def _check_type(key: str, value: Any, tp: Any, *, from_cli: bool) -> Any:
     """``value`` converted to field type ``tp`` or a ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
-        if isinstance(value, str) and from_cli:  # a=x,y on the command line
-            value = [v for v in value.split(",") if v]
+        (item_tp,) = typing.get_args(tp)[:1]
+        if isinstance(value, str) and from_cli:  # a=x,y on the command line; items parsed as YAML scalars
+            value = [v if item_tp is str else yaml.safe_load(v) for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (item_tp,) = typing.get_args(tp)[:1]
         return [_check_type(f"{key}[{i}]", v, item_tp, from_cli=from_cli) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):

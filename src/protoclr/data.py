@@ -515,7 +515,9 @@ def _check_split(name: str, split: str, allowed: tuple[str, ...]) -> None:
 def _need(name: str, files: list[Path], how: str) -> None:
     missing = [f for f in files if not f.is_file()]
     if missing:
-        raise DatasetNotFound(f"{name} not found: looked for {', '.join(map(str, missing))}. {how}")
+        folder = missing[0].parent
+        names = ", ".join(f.name if f.parent == folder else str(f) for f in missing)
+        raise DatasetNotFound(f"{name} not found: {folder} lacks {names}. {how}")
 
 
 def _torchvision_download(cls_name: str, root: Path, **kw: Any) -> None:

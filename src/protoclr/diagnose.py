@@ -251,7 +251,7 @@ def cli_main(argv: list[str]) -> int:
     from protoclr.data import load_dataset
     from protoclr.evaluate import record_in_runs_db
     from protoclr.train import load_run
-    from protoclr.views import view_spec
+    from protoclr.views import config_view_spec
 
     p = _parser()
     args = p.parse_args(argv)
@@ -281,7 +281,7 @@ def cli_main(argv: list[str]) -> int:
     run_alpha = loss_alpha(cfg.loss)
     alphas = alphas_arg or tuple(sorted({1.0, run_alpha, 10.0}))
     seed = cfg.train.seed if args.seed is None else args.seed
-    spec = view_spec(d.views, list(d.view_modifiers))
+    spec = config_view_spec(d)
     feats = view_features(encoder, probe, views=args.views, recipe=spec, seed=seed, batch_size=args.batch_size,
                           device=args.device)  # fmt: skip
     report = diagnose_features(feats, labels, num_classes=num_classes, alphas=alphas, nus=nus)

@@ -557,7 +557,7 @@ def cli_main(argv: list[str]) -> int:
 
     from protoclr.data import class_groups, load_dataset
     from protoclr.train import load_run
-    from protoclr.views import eval_images, view_spec
+    from protoclr.views import config_view_spec, eval_images
 
     args = _parser().parse_args(argv)
     if args.k <= 0 or args.temperature <= 0 or args.batch_size <= 0 or args.epochs <= 0:
@@ -578,7 +578,7 @@ def cli_main(argv: list[str]) -> int:
     if args.train_subset and args.train_subset < len(train):
         gen = torch.Generator().manual_seed(0)
         train = train.subset(torch.randperm(len(train), generator=gen)[: args.train_subset].sort().values)
-    spec = view_spec(d.views, list(d.view_modifiers))
+    spec = config_view_spec(d)
     num_classes = len(test.classes)
 
     def preprocess(x: Tensor) -> Tensor:

@@ -83,11 +83,12 @@ class ConvNet(nn.Module):
         return self.pool(self.features(x)).flatten(1)  # (B, C, H, W) -> (B, F)
 
 
-def _convnet(*, in_channels: int, small_images: bool, norm_layer: NormLayer) -> nn.Module:
-    return ConvNet(in_channels=in_channels, norm_layer=norm_layer)
+def _convnet(*, in_channels: int, small_images: bool, norm_layer: NormLayer,
+             widths: tuple[int, ...] = (32, 64, 128, 256)) -> nn.Module:
+    return ConvNet(in_channels=in_channels, norm_layer=norm_layer, widths=tuple(widths))
 
 
-# name -> constructor(*, in_channels, small_images, norm_layer) returning a module with ``num_features``.
+# name -> constructor(*, in_channels, small_images, norm_layer, [widths]) returning a module with ``num_features``.
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet(18),
     "resnet50": _resnet(50),
@@ -141,8 +142,14 @@ class Encoder(nn.Module):
         self.feature_dim: int = backbone.num_features
         self.out_dim: int = projector.out_dim
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.backbone(x)  # (B, C, H, W) -> (B, F)
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (B, C, H, W), or a list of batches of different sizes (multi-crop: global then local views),
+        each through the backbone on its own (BatchNorm statistics per size, as SwAV and DINO), the features
+        concatenated in list order: ``(sum B_i, F)``, ``(sum B_i, D)``."""
+        if isinstance(x, (list, tuple)):
+            h = torch.cat([self.backbone(xi) for xi in x])  # [(B_i, C, H_i, W_i)] -> (sum B_i, F)
+        else:
+            h = self.backbone(x)  # (B, C, H, W) -> (B, F)
         return h, self.projector(h)  # (B, F), (B, D)
 
 
@@ -150,8 +157,9 @@ def build_encoder(cfg: ModelConfig, *, in_channels: int) -> Encoder:
     """The encoder described by ``cfg`` (see :class:`protoclr.config.ModelConfig`) for ``in_channels`` input."""
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"model.backbone: unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
+    extra = {"widths": tuple(cfg.convnet_widths)} if cfg.backbone == "convnet" else {}
     backbone = BACKBONES[cfg.backbone](
-        in_channels=in_channels, small_images=cfg.small_images, norm_layer=NORMS[cfg.norm]
+        in_channels=in_channels, small_images=cfg.small_images, norm_layer=NORMS[cfg.norm], **extra
     )
     projector = Projector(
         backbone.num_features,

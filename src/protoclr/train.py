@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 import random
 import shutil
@@ -44,7 +45,7 @@ from protoclr.config import Config, ConfigError, LossConfig, OptimConfig, config
 from protoclr.distributed import all_gather_no_grad
 from protoclr.models import Encoder, build_encoder, param_groups
 from protoclr.results import ResultsDB
-from protoclr.views import make_views
+from protoclr.views import train_views
 
 # ----------------------------------------------------------------------------------------------------------
 # optimizer and schedule
@@ -305,10 +306,10 @@ def load_data(cfg: Config, *, fake: bool = False, class_profile: bool = True):
     ``class_profile=False`` leaves out ``data.class_profile`` (the split before the long-tailed or uniform draw:
     where the probes of a class-profiled run fit their classifiers)."""
     from protoclr.data import load_dataset
-    from protoclr.views import view_spec
+    from protoclr.views import config_view_spec
 
     d = cfg.data
-    spec = view_spec(d.views, list(d.view_modifiers))
+    spec = config_view_spec(d)
     if fake:  # images at the view size, as many as two steps need
         shape = (spec.channels, spec.size, spec.size)
         return FakeImages(2 * cfg.train.batch_size, shape, 10, seed=1), FakeImages(64, shape, 10, seed=2), spec
@@ -411,7 +412,8 @@ def _run_name(cfg: Config) -> str:
 
 
 # What must match between a run's saved config and the one resuming it (the rest may change, e.g. devices).
-_RESUME_FIXED = ("data", "model", "loss", "target", "optim", "train.epochs", "train.batch_size", "train.seed")
+_RESUME_FIXED = ("data", "model", "loss", "target", "optim", "train.epochs", "train.steps", "train.batch_size",
+                 "train.seed")
 
 
 def _check_resumable(saved: Config, cfg: Config) -> None:
@@ -448,6 +450,16 @@ def load_run(path: str | Path, *, map_location: str | torch.device = "cpu") -> t
 # the loop
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX512-BF16), where bf16 autocast
+    runs a convnet about twice as fast as float32; elsewhere bf16 is emulated and slower."""
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+    except AttributeError:  # an older torch without the probes
+        return False
+
+
 def _fabric(cfg: Config, run_dir: Path | None):
     from lightning.fabric import Fabric
 
@@ -456,7 +468,7 @@ def _fabric(cfg: Config, run_dir: Path | None):
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = accelerator in ("cuda", "gpu")
-    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
+    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu or cpu_has_bf16() else "32-true")
     devices: Any = t.devices
     if devices.isdigit():
         devices = int(devices)
@@ -472,6 +484,9 @@ def _fabric(cfg: Config, run_dir: Path | None):
                 loggers.append(CSVLogger(root_dir=run_dir, name="csv"))
             else:
                 raise ConfigError(f"trainer.loggers: unknown logger {name!r}; choose from tensorboard, csv")
+    # Lightning announces its precision plugin at INFO on stderr; the run's own first line says the same
+    for name in ("lightning.fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
                     precision=precision, loggers=loggers)
     return fabric, on_gpu
@@ -526,10 +541,15 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     steps_per_epoch = len(train) // B  # the incomplete last batch is dropped
     if steps_per_epoch < 1:
         raise ConfigError(f"train.batch_size: {B} is larger than the {len(train)} training images")
-    total_steps = steps_per_epoch * tc.epochs
+    total_steps = tc.steps or steps_per_epoch * tc.epochs
+    num_epochs = -(-total_steps // steps_per_epoch)  # the last one cut short when train.steps is not a multiple
+    tv = train_views(cfg.data)  # global views (resized over training by data.view_sizes) and local views
+    Vt = V + tv.num_local  # views per image in the loss
     in_channels = spec.channels  # views are converted to the spec's channel count
     num_classes = len(train.classes)
 
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     encoder = build_encoder(cfg.model, in_channels=in_channels)
@@ -579,7 +599,7 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
             fabric.print(f"{run_dir} is complete ({step} steps); nothing to resume")
             return run_dir
 
-    if on_gpu and cfg.trainer.channels_last:
+    if cfg.trainer.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     model = torch.compile(encoder) if cfg.trainer.compile else encoder
     model, optimizer = fabric.setup(model, optimizer)
@@ -588,7 +608,7 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
         bank = bank.to(fabric.device)
     if target_encoder is not None:
         target_encoder = fabric.to_device(target_encoder)
-        if on_gpu and cfg.trainer.channels_last:
+        if cfg.trainer.channels_last:
             target_encoder = target_encoder.to(memory_format=torch.channels_last)
     if queue is not None:
         queue = queue.to(fabric.device)
@@ -601,6 +621,7 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         meta = {"version": protoclr.__version__, "git_commit": _git_commit(), "command": sys.argv,
                 "torch": torch.__version__, "world_size": W, "resumed_at_step": step if resume else None,
+                "precision": str(fabric._connector._precision_input), "threads": torch.get_num_threads(),
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
         db = ResultsDB(Path(tc.out_dir) / "runs.db")
@@ -653,14 +674,15 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     status = "finished"
     if rank == 0:
         fabric.print(f"run {run_dir} | {W} process(es), {fabric.device}, precision {fabric._connector._precision_input}"
-                     f" | {len(train)} images, {steps_per_epoch} steps/epoch x {tc.epochs} epochs, lr {lr:.4g}"
+                     f" | {len(train)} images, {total_steps} steps ({steps_per_epoch}/epoch), lr {lr:.4g}"
                      + (f" | resuming at epoch {epoch} step {step_in_epoch}" if resume else ""))
     buffers_backup: list[torch.Tensor] | None = None
     try:
         with progress:
-            while epoch < tc.epochs and step < max_steps:
+            while epoch < num_epochs and step < max_steps:
                 order = epoch_order(len(train), seed=tc.seed, epoch=epoch)
-                task = progress.add_task("", total=steps_per_epoch, completed=step_in_epoch, epoch=epoch,
+                task = progress.add_task("", total=min(steps_per_epoch, total_steps - epoch * steps_per_epoch),
+                                         completed=step_in_epoch, epoch=epoch,
                                          loss=float("nan"), ips=0.0)
                 if step_in_epoch == 0:
                     loss_sum, loss_n = torch.zeros(()), 0
@@ -675,18 +697,19 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
                         break
                     images = images.to(fabric.device, non_blocking=True)  # (Bl, C, H, W) uint8
                     labels = labels.to(fabric.device, non_blocking=True).long()  # (Bl,)
-                    views = make_views(images, spec, num_views=V, seed=tc.seed, epoch=epoch, indices=idx)
-                    x = views.flatten(0, 1)  # (V, Bl, C, s, s) -> (V*Bl, C, s, s)
-                    if on_gpu and cfg.trainer.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
+                    # [(V*Bl, C, s, s)] plus [(L*Bl, C, sl, sl)] with local views
+                    xs = tv.make(images, seed=tc.seed, epoch=epoch, indices=idx, step=step, total_steps=total_steps)
+                    if cfg.trainer.channels_last:
+                        xs = [xi.contiguous(memory_format=torch.channels_last) for xi in xs]
+                    x = xs[0] if len(xs) == 1 else xs
                     if tc.on_nonfinite == "skip":
                         buffers_backup = [b.detach().clone() for m in stateful for b in m.buffers()]
-                    h, z = model(x)  # (V*Bl, F), (V*Bl, D)
-                    z = z.view(V, Bl, -1)  # (V, Bl, D)
+                    h, z = model(x)  # (Vt*Bl, F), (Vt*Bl, D): global views first, view-major
+                    z = z.view(Vt, Bl, -1)  # (Vt, Bl, D)
                     if bank is not None:
-                        zf, yf = z.detach().flatten(0, 1), labels.repeat(V)  # (V*Bl, D), (V*Bl,)
+                        zf, yf = z.detach().flatten(0, 1), labels.repeat(Vt)  # (Vt*Bl, D), (Vt*Bl,)
                         bank.update(all_gather_no_grad(zf), all_gather_no_grad(yf))  # the loop owns the bank
-                        loss = loss_fn(z.flatten(0, 1), labels.repeat(V), bank.prototypes)
+                        loss = loss_fn(z.flatten(0, 1), labels.repeat(Vt), bank.prototypes)
                     else:
                         with fabric.autocast():
                             t = target_side(tg.name, z, x, target_encoder)  # (V, Bl, D) or None (z itself)
@@ -747,13 +770,14 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
                         rec = {"loss": avg, "lr": float(lrs[step - 1]), "img_per_s": ips, "epoch": epoch}
                         fabric.log_dict({f"train/{k}": v for k, v in rec.items()}, step=step)
                         log({"kind": "step", "step": step, **rec, "probe_loss": probe_loss.item()})
-                    if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                    if (tc.checkpoint_every and step % tc.checkpoint_every == 0 and step_in_epoch < steps_per_epoch
+                            and step < total_steps):
                         save(epoch, step_in_epoch)
                 progress.remove_task(task)
-                if step_in_epoch < steps_per_epoch:  # stopped by max_steps inside the epoch
+                if step_in_epoch < steps_per_epoch and step < total_steps:  # stopped by max_steps inside the epoch
                     save(epoch, step_in_epoch)
                     break
-                last = epoch + 1 == tc.epochs
+                last = step >= total_steps
                 epoch_metrics = {"epoch": epoch, "step": step, "loss": loss_sum.item() / max(loss_n, 1),
                                  "lr": float(lrs[step - 1]), "skips": skips}
                 if not dry_run and cfg.monitor.every and ((epoch + 1) % cfg.monitor.every == 0 or last):

@@ -171,6 +171,55 @@ def view_spec(preset: str = "simclr", modifiers: Sequence[str] = (), **overrides
     return replace(spec, **clean)
 
 
+@dataclass(frozen=True)
+class TrainViews:
+    """What a training step makes of a batch: ``num_views`` global views (``spec``, resized over training by
+    ``sizes``) and ``num_local`` multi-crop views (``local``). Built from a config by :func:`train_views`."""
+
+    spec: ViewSpec  # the global views; evaluation uses it too (its size, normalisation and eval crop)
+    num_views: int = 2
+    local: ViewSpec | None = None
+    num_local: int = 0
+    sizes: tuple[int, ...] = ()  # progressive resizing: equal parts of the steps at each size; () = spec.size
+
+    def spec_at(self, step: int, total_steps: int) -> ViewSpec:
+        """The global views' spec at optimizer step ``step`` of ``total_steps``."""
+        if not self.sizes:
+            return self.spec
+        k = min(step * len(self.sizes) // max(total_steps, 1), len(self.sizes) - 1)
+        return self.spec if self.sizes[k] == self.spec.size else replace(self.spec, size=self.sizes[k])
+
+    def make(self, images: Tensor, *, seed: int, epoch: int, indices: Tensor, step: int = 0,
+             total_steps: int = 1) -> list[Tensor]:
+        """``[(V*B, C, s, s)]`` or, with local views, ``[(V*B, C, s, s), (L*B, C, sl, sl)]``, view-major (row
+        ``v * B + b``); local views are numbered after the global ones, so they draw parameters of their own."""
+        g = make_views(images, self.spec_at(step, total_steps), num_views=self.num_views, seed=seed, epoch=epoch,
+                       indices=indices)
+        out = [g.flatten(0, 1)]  # (V, B, C, s, s) -> (V*B, C, s, s)
+        if self.num_local:
+            assert self.local is not None
+            loc = make_views(images, self.local, num_views=self.num_local, seed=seed, epoch=epoch, indices=indices,
+                             first_view=self.num_views)
+            out.append(loc.flatten(0, 1))  # (L, B, C, sl, sl) -> (L*B, C, sl, sl)
+        return out
+
+
+def config_view_spec(data: Any) -> ViewSpec:
+    """The global view spec of a data config (``protoclr.config.DataConfig``): its preset, then its modifiers,
+    then its ``view_overrides``."""
+    return view_spec(data.views, list(data.view_modifiers), **parse_overrides(data.view_overrides))
+
+
+def train_views(data: Any) -> TrainViews:
+    """The :class:`TrainViews` of a data config (``protoclr.config.DataConfig``)."""
+    spec = config_view_spec(data)
+    local = None
+    if data.local_views:
+        local = replace(spec, size=int(data.local_size), crop_scale=tuple(float(x) for x in data.local_crop_scale))
+    return TrainViews(spec=spec, num_views=data.num_views, local=local, num_local=data.local_views,
+                      sizes=tuple(int(x) for x in data.view_sizes))
+
+
 # --------------------------------------------------------------------------------------------------------
 # counter-based randomness: uniforms from a hash of (seed, epoch, index, view, slot)
 
@@ -203,15 +252,17 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def uniforms(*, seed: int, epoch: int, indices: Tensor, num_views: int, num_slots: int = NUM_SLOTS) -> Tensor:
+def uniforms(*, seed: int, epoch: int, indices: Tensor, num_views: int, num_slots: int = NUM_SLOTS,
+             first_view: int = 0) -> Tensor:
     """Uniforms in [0, 1) ``(V, B, S)`` float32 on ``indices``' device; entry ``[v, b, k]`` depends only on
-    ``(seed, epoch, indices[b], v, k)`` (24 bits of a chained 32-bit hash)."""
+    ``(seed, epoch, indices[b], first_view + v, k)`` (24 bits of a chained 32-bit hash). ``first_view`` numbers
+    a second group of views (multi-crop's local views) after the first, so the two never share draws."""
     dev = indices.device
     seed32 = (int(seed) ^ (int(seed) >> 32)) & _M32
     h = _mix32(torch.tensor(seed32 ^ 0x9E3779B9, dtype=torch.int64, device=dev))
     h = _mix32(h ^ (int(epoch) & _M32))
     h = _mix32(h ^ (indices.to(torch.int64) & _M32))  # (B,)
-    v = torch.arange(num_views, dtype=torch.int64, device=dev)
+    v = torch.arange(first_view, first_view + num_views, dtype=torch.int64, device=dev)
     h = _mix32(h[None, :] ^ v[:, None])  # (V, B)
     k = torch.arange(num_slots, dtype=torch.int64, device=dev)
     h = _mix32(h[:, :, None] ^ k)  # (V, B, S)
@@ -276,10 +327,12 @@ class ViewParams:
 
 
 def sample_params(
-    spec: ViewSpec, *, height: int, width: int, num_views: int, seed: int, epoch: int, indices: Tensor
+    spec: ViewSpec, *, height: int, width: int, num_views: int, seed: int, epoch: int, indices: Tensor,
+    first_view: int = 0,
 ) -> ViewParams:
-    """All random parameters of ``num_views`` views of the samples ``indices`` ``(B,)`` of size height x width."""
-    u = uniforms(seed=seed, epoch=epoch, indices=indices, num_views=num_views)  # (V, B, S)
+    """All random parameters of ``num_views`` views (numbered from ``first_view``) of the samples ``indices``
+    ``(B,)`` of size height x width."""
+    u = uniforms(seed=seed, epoch=epoch, indices=indices, num_views=num_views, first_view=first_view)  # (V, B, S)
     s = float(spec.size)
 
     def factor(slot: int, strength: float) -> Tensor:
@@ -438,8 +491,12 @@ def make_views(
     indices: Tensor,
     return_params: bool = False,
     chunk: int = 256,
+    first_view: int = 0,
 ) -> Tensor | tuple[Tensor, ViewParams]:
     """``num_views`` random views of each image, batched on ``images``' device.
+
+    ``first_view``: the number of the first view (views ``first_view .. first_view + num_views - 1``), so that a
+    second call for multi-crop's local views draws parameters of its own.
 
     images: ``(B, C, H, W)`` uint8 (or float in [0, 1]); or pre-cropped views ``(V, B, C, s, s)`` from
     ``CropViews`` (then the crop is skipped and the rest uses the same parameters). indices: ``(B,)`` the
@@ -458,7 +515,8 @@ def make_views(
     if indices.numel() != B:
         raise ValueError(f"indices must hold one dataset index per image ({B}), got {indices.numel()}.")
     H, W = images.shape[-2:]
-    p = sample_params(spec, height=H, width=W, num_views=num_views, seed=seed, epoch=epoch, indices=indices)
+    p = sample_params(spec, height=H, width=W, num_views=num_views, seed=seed, epoch=epoch, indices=indices,
+                      first_view=first_view)
     V, s, C = num_views, spec.size, spec.channels
     src = images.reshape(-1, *images.shape[-3:])  # (B or V*B, C_in, H, W)
     flat = _FlatParams(p, C)
@@ -622,10 +680,21 @@ def view_grid(
     return vutils.make_grid(cols, nrow=1 + num_views, padding=2, pad_value=1.0)
 
 
-def _parse_value(text: str) -> Any:
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["crop_scale=[0.08, 1]", "brightness=0.8"]`` -> ``{"crop_scale": [0.08, 1], "brightness": 0.8}`` (values
+    parsed as YAML); :func:`view_spec` then checks the names and types."""
     import yaml
 
-    return yaml.safe_load(text)
+    out: dict[str, Any] = {}
+    for kv in items:
+        if "=" not in kv:
+            raise ValueError(f"a view override is FIELD=VALUE, e.g. crop_scale=[0.2,1.0]; got {kv!r}.")
+        k, v = kv.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise ValueError(f"view override {kv!r}: the value is not valid YAML.") from None
+    return out
 
 
 def cli_main(argv: list[str]) -> int:
@@ -656,13 +725,7 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--out", default="views.png")
     args = ap.parse_args(argv)
     try:
-        overrides = {}
-        for kv in args.set:
-            if "=" not in kv:
-                raise ValueError(f"--set expects KEY=VALUE, got {kv!r}.")
-            k, v = kv.split("=", 1)
-            overrides[k.strip()] = _parse_value(v)
-        spec = view_spec(args.preset, args.modifier, **overrides)
+        spec = view_spec(args.preset, args.modifier, **parse_overrides(args.set))
         ds = data.load_dataset(
             args.dataset,
             split=args.split,
