@@ -97,3 +97,15 @@ def test_chunk_size_zero_is_automatic_in_the_loss():
 
     assert build_loss(load_config(None).loss).options["chunk_size"] is None  # None: the loss picks dense or tiled
     assert build_loss(load_config(None, ["loss.chunk_size=64"]).loss).options["chunk_size"] == 64
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-4 as a string; in a float field, on the command line or in a file, it is the number."""
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  weight_decay: 5e-4\n")
+    cfg = load_config(f, ["optim.base_lr=3E-1", "loss.alpha=+2e0"])
+    assert cfg.optim.weight_decay == 5e-4 and cfg.optim.base_lr == 0.3 and cfg.loss.alpha == 2.0
+    with pytest.raises(ConfigError, match="optim.weight_decay: expected a number"):
+        load_config(None, ["optim.weight_decay=1e-4x"])
+    with pytest.raises(ConfigError, match="train.run_name"):
+        load_config(None, ["train.run_name=[1e-4]"])

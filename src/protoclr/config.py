@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,6 +293,9 @@ def _get(cfg: Any, key: str) -> Any:
     return cfg
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_type(key: str, value: Any, tp: Any, *, from_cli: bool) -> Any:
     """``value`` converted to field type ``tp`` or a ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -311,6 +315,8 @@ def _check_type(key: str, value: Any, tp: Any, *, from_cli: bool) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; every user means the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
