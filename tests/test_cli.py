@@ -98,3 +98,64 @@ def test_the_installed_entry_point_prints_one_line_and_debug_shows_the_traceback
     via_env = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PROTOCLR_DEBUG": "1"}, cwd=tmp_path,
                              timeout=120)
     assert "Traceback" in via_env.stderr
+
+
+def _tiny_fashion_mnist(folder: Path, *, n_train: int = 300, n_test: int = 100) -> None:
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        y = (np.arange(n) % 10).astype(np.uint8)
+        x = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+        for c in range(10):  # a class-dependent bright square, so that classes are learnable
+            x[y == c, 2 * c : 2 * c + 8, 4:12] += 150
+        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
+            head = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+            (folder / f"{stem}-{kind}-ubyte.gz").write_bytes(gzip.compress(head + arr.tobytes()))
+
+
+def _knn_reference(x_tr, y_tr, x_te, y_te, *, k: int, t: float) -> float:
+    """Weighted kNN written out with numpy: cosine similarity, top k, class votes exp(sim / t)."""
+    import numpy as np
+
+    a = x_tr / np.linalg.norm(x_tr, axis=1, keepdims=True)
+    b = x_te / np.linalg.norm(x_te, axis=1, keepdims=True)
+    hits = 0
+    for i in range(len(b)):
+        sim = a @ b[i]
+        top = np.argsort(-sim, kind="stable")[:k]
+        votes = np.zeros(10)
+        np.add.at(votes, y_tr[top], np.exp(sim[top] / t))
+        hits += int(votes.argmax() == y_te[i])
+    return hits / len(b)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, capsys, monkeypatch):
+    from protoclr.data import load_dataset
+    from protoclr.results import ResultsDB
+
+    _tiny_fashion_mnist(tmp_path / "fm")
+    monkeypatch.chdir(tmp_path)
+    rc = main(["demo", f"data.root={tmp_path / 'fm'}", "train.batch_size=64", "train.steps=6", "trainer.progress=false",
+               "model.convnet_widths=8,16", "model.projector_hidden_dim=32", "model.projector_dim=16",
+               "monitor.every=0", "trainer.loggers=[]"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for row in ("raw pixels (centered)", "convnet, random init", "convnet, pretrained", "6 steps of 64 images",
+                "pretraining", "images/s"):
+        assert row in out
+    (run,) = ResultsDB(tmp_path / "runs" / "demo" / "runs.db").runs()
+    fm = run["final_metrics"]
+    train = load_dataset("fashion_mnist", root=tmp_path / "fm")
+    test = load_dataset("fashion_mnist", split="test", root=tmp_path / "fm")
+    x_tr = train.images.flatten(1).double().numpy()
+    x_te = test.images.flatten(1).double().numpy()
+    mean = x_tr.mean(0)
+    ref = _knn_reference(x_tr - mean, train.labels.numpy(), x_te - mean, test.labels.numpy(), k=200, t=0.1)
+    assert fm["raw_pixel_knn_top1"] == pytest.approx(ref, abs=1e-9)
+    assert fm["eval_knn_top1"] != fm["random_init_knn_top1"] or fm["eval_linear_top1"] != fm["random_init_linear_top1"]
+    assert f"{100 * fm['eval_knn_top1']:.1f}%" in out and f"{100 * fm['raw_pixel_linear_top1']:.1f}%" in out

@@ -105,7 +105,7 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     f.write_text("optim:\n  weight_decay: 5e-4\n")
     cfg = load_config(f, ["optim.base_lr=3E-1", "loss.alpha=+2e0"])
     assert cfg.optim.weight_decay == 5e-4 and cfg.optim.base_lr == 0.3 and cfg.loss.alpha == 2.0
-    with pytest.raises(ConfigError, match="optim.weight_decay: expected a number"):
+    with pytest.raises(ConfigError, match=r"optim\.weight_decay: expected a number"):
         load_config(None, ["optim.weight_decay=1e-4x"])
-    with pytest.raises(ConfigError, match="train.run_name"):
+    with pytest.raises(ConfigError, match=r"train\.run_name"):
         load_config(None, ["train.run_name=[1e-4]"])

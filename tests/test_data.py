@@ -491,3 +491,73 @@ def test_datasets_pickle_for_worker_processes(tmp_path):
     for ds in (files, _toy([2, 2])):
         clone = pickle.loads(pickle.dumps(ds))
         assert torch.equal(clone.get_images([0, 1]), ds.get_images([0, 1])) and torch.equal(clone.labels, ds.labels)
+
+
+def _full_fashion_mnist(folder: Path) -> None:
+    """The four IDX files (train and t10k) of a tiny Fashion-MNIST."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, n in (("train", 5), ("t10k", 3)):
+        (folder / f"{stem}-images-idx3-ubyte.gz").write_bytes(_idx(RNG.integers(0, 256, (n, 28, 28), dtype=np.uint8)))
+        (folder / f"{stem}-labels-idx1-ubyte.gz").write_bytes(_idx(np.arange(n, dtype=np.uint8)))
+
+
+_FAKE_APT = """#!/bin/sh
+echo "$@" >> "$APT_LOG"
+if [ "$1" = install ] && [ -n "$APT_WORKS" ]; then
+    if [ -n "$APT_NEEDS_UPDATE" ] && [ ! -e "$APT_LOG.updated" ]; then exit 100; fi
+    mkdir -p "$(dirname "$APT_DIR")" && cp -r "$APT_SRC" "$APT_DIR" && exit 0
+fi
+if [ "$1" = update ]; then touch "$APT_LOG.updated"; fi
+exit 0
+"""
+
+
+@pytest.mark.parametrize("needs_update", [False, True])
+def test_fetch_fashion_mnist_installs_the_debian_package_as_root(tmp_path, monkeypatch, needs_update):
+    system = tmp_path / "usr-share" / "fashion-mnist"
+    _full_fashion_mnist(tmp_path / "package-content")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(_FAKE_APT)
+    (bin_dir / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("APT_LOG", str(tmp_path / "apt.log"))
+    monkeypatch.setenv("APT_SRC", str(tmp_path / "package-content"))
+    monkeypatch.setenv("APT_DIR", str(system))
+    monkeypatch.setenv("APT_WORKS", "1")
+    monkeypatch.setenv("APT_NEEDS_UPDATE", "1" if needs_update else "")
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", system)
+    monkeypatch.setattr(data.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(data, "_torchvision_download", lambda *a, **k: pytest.fail("downloaded instead of apt"))
+    said = []
+    data.fetch_fashion_mnist(tmp_path / "data", log=said.append)
+    calls = (tmp_path / "apt.log").read_text().splitlines()
+    install = "install -y -q dataset-fashion-mnist"
+    assert calls == ([install, "update -q", install] if needs_update else [install])
+    assert "dataset-fashion-mnist" in said[0] and len(load_dataset("fashion_mnist", split="test", root=tmp_path)) == 3
+
+
+def test_fetch_fashion_mnist_downloads_when_not_root_and_explains_when_offline(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system")
+    monkeypatch.setattr(data.os, "geteuid", lambda: 1000)
+    got = []
+
+    def download(cls, root, **kw):
+        got.append((cls, root))
+        _full_fashion_mnist(root / "FashionMNIST" / "raw")
+
+    monkeypatch.setattr(data, "_torchvision_download", download)
+    said = []
+    data.fetch_fashion_mnist(tmp_path / "data", log=said.append)
+    assert got == [("FashionMNIST", tmp_path / "data")] and "downloading" in said[-1]
+    assert load_dataset("fashion_mnist", root=tmp_path / "data").images.shape == (5, 1, 28, 28)
+
+    def offline(*a, **k):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(data, "_torchvision_download", offline)
+    with pytest.raises(data.DatasetNotFound) as e:
+        data.fetch_fashion_mnist(tmp_path / "elsewhere", log=lambda s: None)
+    msg = str(e.value)
+    assert "\n" not in msg and "the download failed (OSError" in msg and "apt-get install dataset-fashion-mnist" in msg
+    assert str(tmp_path / "elsewhere") in msg

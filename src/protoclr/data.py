@@ -22,6 +22,8 @@ import io
 import math
 import os
 import pickle
+import shutil
+import subprocess
 import threading
 import warnings
 import zipfile
@@ -594,43 +596,71 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def _fashion_mnist_files(split: str, data_root: Path) -> tuple[Path, Path] | None:
+    """(images, labels) IDX files of ``split`` in ``data_root``, its torchvision layout, or the Debian package."""
+    stem = "train" if split == "train" else "t10k"
+    for d in (data_root, data_root / "FashionMNIST" / "raw", FASHION_MNIST_SYSTEM_DIR):
+        found = []
+        for kind in ("images-idx3", "labels-idx1"):
+            found += [p for p in (d / f"{stem}-{kind}-ubyte.gz", d / f"{stem}-{kind}-ubyte") if p.is_file()][:1]
+        if len(found) == 2:
+            return found[0], found[1]
+    return None
+
+
+def fetch_fashion_mnist(root: str | Path | None = None, *, log: Callable[[str], None] = print,
+                        apt: bool = True) -> None:
+    """Make Fashion-MNIST loadable: nothing when it is there; else, as root with apt-get, install the Debian package
+    ``dataset-fashion-mnist``; else download it through torchvision into ``root`` (``./data``) with a progress bar.
+    Raises :class:`~protoclr.errors.DatasetNotFound` with what to do when all of that fails (offline)."""
+    data_root = Path(root).expanduser() if root is not None else default_data_root()
+    if all(_fashion_mnist_files(s, data_root) for s in ("train", "test")):
+        return
+    tried = []
+    if apt and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        log("Fashion-MNIST is not installed: installing the Debian package dataset-fashion-mnist (apt-get) ...")
+        install = ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]
+        ok = subprocess.run(install, stdout=subprocess.DEVNULL).returncode == 0
+        if not ok:  # a fresh machine's package lists may be empty
+            ok = (subprocess.run(["apt-get", "update", "-q"], stdout=subprocess.DEVNULL).returncode == 0
+                  and subprocess.run(install, stdout=subprocess.DEVNULL).returncode == 0)
+        if all(_fashion_mnist_files(s, data_root) for s in ("train", "test")):
+            return
+        tried.append("apt-get install dataset-fashion-mnist failed")
+    log(f"downloading Fashion-MNIST through torchvision into {data_root} ...")
+    try:
+        _torchvision_download("FashionMNIST", data_root)
+    except Exception as e:  # offline, a proxy, a full disk: all end in the same advice
+        tried.append(f"the download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if all(_fashion_mnist_files(s, data_root) for s in ("train", "test")):
+        return
+    raise DatasetNotFound(
+        f"Fashion-MNIST is not installed and could not be fetched: {'; '.join(tried)}. Install the Debian package "
+        f"(sudo apt-get install dataset-fashion-mnist), or copy train-images-idx3-ubyte.gz, "
+        f"train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz into {data_root}."
+    )
+
+
 def load_fashion_mnist(
     *, split: str = "train", root: str | Path | None = None, download: bool = False
 ) -> LabeledImages:
-    """Fashion-MNIST ``(N, 1, 28, 28)``: from ``root``, the Debian package, or ``./data`` (download on request)."""
+    """Fashion-MNIST ``(N, 1, 28, 28)``: from ``root``, the Debian package, or ``./data``; ``download`` fetches it
+    when missing (:func:`fetch_fashion_mnist`: the Debian package as root, else torchvision)."""
     _check_split("fashion_mnist", split, ("train", "test"))
-    stem = "train" if split == "train" else "t10k"
     data_root = Path(root).expanduser() if root is not None else default_data_root()
-    dirs = [data_root, data_root / "FashionMNIST" / "raw", FASHION_MNIST_SYSTEM_DIR]
-
-    def find(d: Path, kind: str) -> Path | None:
-        for suffix in ("-ubyte.gz", "-ubyte"):
-            p = d / f"{stem}-{kind}{suffix}"
-            if p.is_file():
-                return p
-        return None
-
-    for attempt in range(2):
-        for d in dirs:
-            xi, yi = find(d, "images-idx3"), find(d, "labels-idx1")
-            if xi and yi:
-                x, y = _read_idx(xi), _read_idx(yi)
-                return LabeledImages(
-                    labels=torch.from_numpy(y.astype(np.int64)),
-                    classes=list(FASHION_MNIST_CLASSES),
-                    images=torch.from_numpy(x.copy()).unsqueeze(1),
-                    name="fashion_mnist",
-                )
-        if attempt == 0 and download:
-            _torchvision_download("FashionMNIST", data_root)
-        else:
-            break
-    raise DatasetNotFound(
-        f"fashion_mnist not found: looked for {stem}-images-idx3-ubyte[.gz] in "
-        + ", ".join(map(str, dirs))
-        + ". Install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or pass "
-        f"{_DOWNLOAD} to fetch it into {data_root}."
-    )
+    files = _fashion_mnist_files(split, data_root)
+    if files is None and download:
+        fetch_fashion_mnist(data_root)
+        files = _fashion_mnist_files(split, data_root)
+    if files is None:
+        raise DatasetNotFound(
+            f"fashion_mnist not found in {data_root}, {data_root / 'FashionMNIST' / 'raw'} or "
+            f"{FASHION_MNIST_SYSTEM_DIR}. Install the Debian package dataset-fashion-mnist (apt-get install "
+            f"dataset-fashion-mnist), or pass {_DOWNLOAD} to fetch it into {data_root}."
+        )
+    x, y = _read_idx(files[0]), _read_idx(files[1])
+    return LabeledImages(labels=torch.from_numpy(y.astype(np.int64)), classes=list(FASHION_MNIST_CLASSES),
+                         images=torch.from_numpy(x.copy()).unsqueeze(1), name="fashion_mnist")
 
 
 def load_imagenet_lt(

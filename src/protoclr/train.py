@@ -868,60 +868,6 @@ def cli_main(argv: list[str]) -> int:
     return 0
 
 
-def demo_main(argv: list[str]) -> int:
-    """``protoclr demo``: pretrain the CPU default, evaluate it (kNN and linear probe), print a results table."""
-    p = argparse.ArgumentParser(prog="protoclr demo", description=demo_main.__doc__)
-    p.add_argument("overrides", nargs="*", help="section.key=value applied to the CPU default")
-    args = p.parse_args(argv)
-    from protoclr.evaluate import extract_features, knn_accuracy, linear_probe_cached
-    from protoclr.views import eval_images
-
-    t0 = time.perf_counter()
-    cfg = load_config(None, ["train.out_dir=runs/demo", *args.overrides])
-    run_dir = pretrain(cfg)
-    t_train = time.perf_counter() - t0
-    encoder, cfg = load_run(run_dir)
-    full = cfg.to_dict()
-    full["data"]["train_subset"] = 0  # evaluate on the whole training split, whatever pretraining used
-    full_train, test, spec = load_data(config_from_dict(full))
-    C = len(test.classes)
-
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        return eval_images(x, spec)
-
-    f_tr, y_tr = extract_features(encoder.backbone, full_train, batch_size=1024, preprocess=prep)
-    f_te, y_te = extract_features(encoder.backbone, test, batch_size=1024, preprocess=prep)
-    knn = knn_accuracy(f_tr, y_tr, f_te, y_te, num_classes=C, k=200, temperature=0.1)["top1"]
-    lin = linear_probe_cached(f_tr, y_tr, f_te, y_te, num_classes=C)["top1"]
-    # The floor any representation must beat: the same kNN on raw pixels, centered by the training mean.
-    raw_tr = full_train.get_images(torch.arange(len(full_train))).flatten(1).float()
-    raw_te = test.get_images(torch.arange(len(test))).flatten(1).float()
-    mean = raw_tr.mean(0)
-    floor = knn_accuracy(raw_tr - mean, y_tr, raw_te - mean, y_te, num_classes=C, k=200, temperature=0.1)["top1"]
-    # and the same cached linear probe on those pixels: the floor the linear-probe column is read against
-    floor_lin = linear_probe_cached(raw_tr - mean, y_tr, raw_te - mean, y_te, num_classes=C)["top1"]
-    elapsed = time.perf_counter() - t0
-
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"protoclr demo: {cfg.data.dataset}, {cfg.model.backbone}, {cfg.loss.name} loss, "
-                  f"{cfg.train.epochs} epochs")
-    for col in ("representation", "kNN top-1 (k=200)", "linear probe top-1"):
-        table.add_column(col)
-    table.add_row("raw pixels (centered)", f"{100 * floor:.1f}%", f"{100 * floor_lin:.1f}%")
-    table.add_row(f"pretrained {cfg.model.backbone} features", f"{100 * knn:.1f}%", f"{100 * lin:.1f}%")
-    console = Console()
-    console.print(table)
-    console.print(f"run: {run_dir}   pretraining {t_train / 60:.1f} min, total {elapsed / 60:.1f} min")
-    db = ResultsDB(Path(cfg.train.out_dir) / "runs.db")
-    row = db.get_run(run_dir.name)
-    db.finish_run(run_dir.name, row["status"], {**(row["final_metrics"] or {}), "eval_knn_top1": knn,
-                                                "eval_linear_top1": lin, "raw_pixel_knn_top1": floor,
-                                                "raw_pixel_linear_top1": floor_lin})
-    return 0
-
-
 __all__ = [
     "LARS",
     "FakeImages",
@@ -932,7 +878,6 @@ __all__ = [
     "cli_main",
     "contrastive_preset",
     "contrastive_step_loss",
-    "demo_main",
     "ema_update",
     "enqueue",
     "epoch_order",
