@@ -22,8 +22,15 @@ import time
 
 import torch
 
-from protoclr.diagnostics import diagnose_features, probe_subset, track
+from protoclr.config import load_config
+from protoclr.diagnostics import diagnose_features
 from protoclr.evaluate import knn_accuracy
+from protoclr.losses import config_options, contrastive_loss
+from protoclr.measure import diagnostics_metrics
+from protoclr.models import build_encoder
+from protoclr.splits import balanced_draw, load_data
+from protoclr.train import build_optimizer
+from protoclr.views import make_views
 
 
 def maxrss_mib() -> float:
@@ -76,17 +83,12 @@ def knn_and_diagnose(args: argparse.Namespace) -> None:
 def track_overhead(args: argparse.Namespace) -> None:
     import statistics
 
-    from protoclr.config import load_config
-    from protoclr.models import build_encoder
-    from protoclr.train import build_loss, build_optimizer, load_data
-    from protoclr.views import make_views
-
     cfg = load_config(None)  # the CPU default
     train, test, spec = load_data(cfg)
-    probe = probe_subset(test, size=args.probe, seed=0)
+    probe = balanced_draw(test, args.probe, seed=0)
     torch.manual_seed(0)
     encoder = build_encoder(cfg.model, in_channels=spec.channels)
-    loss_fn = build_loss(cfg.loss)
+    options = config_options(cfg.loss)
     opt = build_optimizer(encoder, cfg.optim, lr=cfg.lr())
     B, V = cfg.train.batch_size, cfg.data.num_views
 
@@ -94,7 +96,7 @@ def track_overhead(args: argparse.Namespace) -> None:
         t = time.perf_counter()
         idx = torch.arange(step * B, (step + 1) * B) % len(train)
         z = encoder(make_views(train.get_images(idx), spec, num_views=V, seed=0, epoch=0, indices=idx).flatten(0, 1))[1]
-        loss = loss_fn(*z.view(V, B, -1).unbind(0))
+        loss = contrastive_loss(z.view(V, B, -1), **options)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -102,7 +104,7 @@ def track_overhead(args: argparse.Namespace) -> None:
 
     def tracked() -> float:
         t = time.perf_counter()
-        track(encoder, probe, spec=spec, views=args.views, alphas=(cfg.loss.alpha,), nus=(1.0,))
+        diagnostics_metrics(encoder, probe, spec=spec, views=args.views, alphas=(options["alpha"],))
         return time.perf_counter() - t
 
     encoder.train()

@@ -28,7 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
-QUIET = ["monitor.every=0", "trainer.progress=false", "trainer.loggers=[]", "train.checkpoint_every=0"]
+QUIET = ["eval.every=0", "trainer.progress=false", "trainer.loggers=[]", "train.checkpoint_every=0"]
 
 
 def _next(counter: Path, total: int) -> int | None:
@@ -50,7 +50,9 @@ def worker(plan_path: Path, out: Path, k: int, limit: int) -> None:
 
     from protoclr.config import load_config
     from protoclr.measure import backbone_features, score_features
-    from protoclr.train import load_data, load_run, pretrain
+    from protoclr.runs import load_run
+    from protoclr.splits import load_data
+    from protoclr.train import pretrain
     from protoclr.views import config_view_spec
 
     plan = json.loads(plan_path.read_text())

@@ -29,11 +29,12 @@ import torch
 
 from protoclr.config import load_config
 from protoclr.measure import evaluate_backbone, random_init_floor, raw_pixel_floor
-from protoclr.train import load_data, pretrain
+from protoclr.splits import load_data
+from protoclr.train import pretrain
 
 # The study's dataset and views unless the config or the overrides say otherwise.
 BASE = ["data.dataset=cifar10_zip", "data.views=simclr_cifar"]
-QUIET = ["monitor.every=0", "trainer.progress=false", "trainer.loggers=[]"]
+QUIET = ["eval.every=0", "trainer.progress=false", "trainer.loggers=[]"]
 
 
 def calibrate(config: str | None, overrides: list[str], *, steps: int) -> float:

@@ -24,8 +24,10 @@ def logsumexp(xs: list[float]) -> float:
 
 
 def oracle_loss(z, *, alpha, lam=1.0, nu=1.0, negatives="all", positive_in_denominator=True, scale="none",
-                similarity="cosine", reduction="mean", target=None, queue=None):
-    """Anchors are rows of z; positives and candidates are rows of target (default z), plus queue rows."""
+                similarity="cosine", reduction="mean", target=None, queue=None, positive="pairs"):
+    """Anchors are rows of z; positives and candidates are rows of target (default z), plus queue rows.
+    ``positive="mean"``: every pair's attraction term uses the mean of the anchor's other target views (of the
+    unit-normalized rows for cosine) instead of the pair's own positive."""
     z = z.detach().double()
     t = z if target is None else target.detach().double()
     q = [] if queue is None else list(queue.detach().double())
@@ -34,6 +36,8 @@ def oracle_loss(z, *, alpha, lam=1.0, nu=1.0, negatives="all", positive_in_denom
     for v in range(V):
         for i in range(B):
             a = z[v, i]
+            others = [t[w, i] / (t[w, i].norm() if similarity == "cosine" else 1.0) for w in range(V) if w != v]
+            mu = sum(others) / len(others)
             terms = []
             for w in range(V):
                 if w == v:
@@ -48,7 +52,7 @@ def oracle_loss(z, *, alpha, lam=1.0, nu=1.0, negatives="all", positive_in_denom
                 logits = [alpha * sim(a, t[u, j], similarity) for (u, j) in cands]
                 logits += [alpha * sim(a, row, similarity) for row in q]
                 lse = logsumexp(logits)
-                l_ap = -alpha * sim(a, p, similarity) + (lam / nu) * lse
+                l_ap = -alpha * sim(a, mu if positive == "mean" else p, similarity) + (lam / nu) * lse
                 if scale == "inverse_alpha":
                     l_ap /= alpha
                 terms.append(l_ap)

@@ -136,13 +136,13 @@ def _knn_reference(x_tr, y_tr, x_te, y_te, *, k: int, t: float) -> float:
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, capsys, monkeypatch):
     from protoclr.data import load_dataset
-    from protoclr.results import ResultsDB
+    from protoclr.runs import ResultsDB
 
     _tiny_fashion_mnist(tmp_path / "fm")
     monkeypatch.chdir(tmp_path)
     rc = main(["demo", f"data.root={tmp_path / 'fm'}", "train.batch_size=64", "train.steps=6", "trainer.progress=false",
                "model.convnet_widths=8,16", "model.projector_hidden_dim=32", "model.projector_dim=16",
-               "monitor.every=0", "trainer.loggers=[]"])
+               "eval.every=0", "trainer.loggers=[]"])
     out = capsys.readouterr().out
     assert rc == 0, out
     for row in ("raw pixels (centered)", "convnet, random init", "convnet, pretrained", "6 steps of 64 images",

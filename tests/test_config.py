@@ -54,9 +54,9 @@ def test_yaml_then_overrides(tmp_path):
         (["data.class_profile=balanced"], "data.class_profile"),
         (["data.longtail_profile=zipf"], "data.longtail_profile"),
         (["data.imbalance_ratio=0.5"], "data.imbalance_ratio"),
-        (["monitor.track_views=1"], "monitor.track_views"),
-        (["monitor.track_every=0"], "monitor.track_every"),
-        (["monitor.track_bounds=yes please"], "monitor.track_bounds"),
+        (["eval.diag_views=1"], "eval.diag_views"),
+        (["eval.every=-1"], "eval.every"),
+        (["eval.diagnostics=yes please"], "eval.diagnostics"),
     ],
 )
 def test_errors_name_the_key(overrides, key):
@@ -92,11 +92,51 @@ def test_shipped_configs_load_and_open_with_their_command(path):
     assert isinstance(cfg, Config)
 
 
-def test_chunk_size_zero_is_automatic_in_the_loss():
-    from protoclr.train import build_loss
+# name -> the contrastive_loss options LossConfig(temperature=0.25, alpha=3, lam=1.5, nu=0.5) must give, written out
+EXPECTED_OPTIONS = {
+    "nt_xent": dict(alpha=4.0, lam=1.0, nu=1.0, negatives="all", positive_in_denominator=True, scale="none"),
+    "generalized_nt_xent": dict(alpha=3.0, lam=1.5, nu=1.0, negatives="all", positive_in_denominator=True,
+                                scale="none"),
+    "decoupled": dict(alpha=4.0, lam=1.0, nu=1.0, negatives="all", positive_in_denominator=False, scale="none"),
+    "balanced": dict(alpha=3.0, lam=1.5, nu=0.5, negatives="cross", positive_in_denominator=True,
+                     scale="inverse_alpha"),
+}
 
-    assert build_loss(load_config(None).loss).options["chunk_size"] is None  # None: the loss picks dense or tiled
-    assert build_loss(load_config(None, ["loss.chunk_size=64"]).loss).options["chunk_size"] == 64
+
+def test_every_preset_has_its_expected_options():
+    from protoclr.losses import LOSSES, PRESETS
+
+    assert set(EXPECTED_OPTIONS) == set(PRESETS) and set(LOSSES) == {*PRESETS, "supervised_prototype"}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_OPTIONS))
+@pytest.mark.parametrize("scale", ["preset", "none", "inverse_alpha"])
+def test_config_to_loss_options_by_value(name, scale):
+    """temperature -> alpha for the temperature presets, lam and nu only where the preset reads them, the
+    preset's scale unless loss.scale names one, chunk_size 0 -> automatic (None)."""
+    import torch
+    from loss_oracle import oracle_loss
+
+    from protoclr.losses import LOSSES, config_alpha, config_options, contrastive_loss
+
+    cfg = load_config(None, [f"loss.name={name}", "loss.temperature=0.25", "loss.alpha=3", "loss.lam=1.5",
+                             "loss.nu=0.5", f"loss.scale={scale}", "loss.similarity=cosine"])
+    want = dict(EXPECTED_OPTIONS[name], similarity="cosine", chunk_size=None)
+    if scale != "preset":
+        want["scale"] = scale
+    got = config_options(cfg.loss)
+    assert got == want and config_alpha(cfg.loss) == want["alpha"]
+    assert config_options(load_config(None, [f"loss.name={name}", "loss.chunk_size=64"]).loss)["chunk_size"] == 64
+    torch.manual_seed(0)
+    z = torch.randn(2, 6, 5)
+    value = contrastive_loss(z, **got)
+    oracle = {k: v for k, v in got.items() if k != "chunk_size"}
+    assert value.item() == pytest.approx(float(oracle_loss(z, **oracle)), rel=1e-5)
+    if scale == "preset":  # the module form of the preset is the same loss
+        kwargs = {k: getattr(cfg.loss, k) for k in ("temperature", "alpha", "lam", "nu")
+                  if k in LOSSES[name].__init__.__code__.co_varnames}
+        assert LOSSES[name](**kwargs)(*z.unbind(0)).item() == pytest.approx(value.item(), rel=1e-6)
+
 
 
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):

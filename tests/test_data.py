@@ -15,16 +15,8 @@ import torch
 from PIL import Image
 
 from protoclr import data
-from protoclr.data import (
-    DATASETS,
-    LabeledImages,
-    class_groups,
-    decode_image_bytes,
-    load_dataset,
-    longtail,
-    longtail_counts,
-    uniform_subset,
-)
+from protoclr.data import DATASETS, LabeledImages, decode_image_bytes, load_dataset
+from protoclr.splits import class_groups, longtail, longtail_counts, uniform_subset
 
 RNG = np.random.default_rng(0)
 

@@ -17,10 +17,11 @@ STEPS, BATCH = 60, 128
 @pytest.mark.slow
 def test_brief_pretraining_beats_init_and_diagnostics_are_in_range(cifar10_jpeg_dir):
     from protoclr.config import ModelConfig
-    from protoclr.data import load_dataset, uniform_subset
+    from protoclr.data import load_dataset
     from protoclr.evaluate import extract_features, knn_accuracy
     from protoclr.losses import balanced_contrastive_loss
     from protoclr.models import build_encoder
+    from protoclr.splits import balanced_draw, uniform_subset
     from protoclr.views import eval_images, make_views, view_spec
 
     # the whole zip is decoded once into the protoclr cache (minutes the first time), then subsets are views
@@ -65,7 +66,7 @@ def test_brief_pretraining_beats_init_and_diagnostics_are_in_range(cifar10_jpeg_
     assert trained > at_init, f"kNN top-1 after {STEPS} steps {trained:.3f} vs {at_init:.3f} at initialisation"
 
     encoder.eval()
-    probe = dg.probe_subset(test, size=200, seed=0)
+    probe = balanced_draw(test, 200, seed=0)
     feats = dg.view_features(encoder, probe, views=4, recipe=spec, seed=0)
     report = dg.diagnose_features(feats, probe.labels, num_classes=10, alphas=(1.0, 10.0), nus=(0.5,))
     assert all(math.isfinite(v) for v in dg.flat_metrics(report).values())

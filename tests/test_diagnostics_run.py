@@ -11,6 +11,11 @@ import torch
 
 from protoclr import diagnose
 from protoclr import diagnostics as dg
+from protoclr import measure as M
+from protoclr.errors import NotACheckpoint
+from protoclr.runs import load_run
+from protoclr.splits import balanced_draw, load_data
+from protoclr.train import pretrain
 
 ALPHAS = (1.0, 2.0, 10.0, 20.0)
 
@@ -21,7 +26,7 @@ def _cfg(tmp, root, extra=()):
     return load_config(
         None,
         [f"train.out_dir={tmp}", "train.run_name=tiny", "train.epochs=2", "train.batch_size=64",
-         "data.train_subset=256", "monitor.every=0", f"data.root={root}", "trainer.accelerator=cpu",
+         "data.train_subset=256", "eval.every=0", f"data.root={root}", "trainer.accelerator=cpu",
          "trainer.progress=false", "trainer.loggers=[]", *extra],
     )  # fmt: skip
 
@@ -30,14 +35,13 @@ def _cfg(tmp, root, extra=()):
 def run(tmp_path_factory, fashion_mnist_dir):
     """A 2-epoch run trained in two calls (as a loop with tracking would see it), with ``track`` records
     appended to metrics.jsonl after each epoch; returns (run_dir, probe, spec)."""
-    train_mod = pytest.importorskip("protoclr.train")
     tmp = tmp_path_factory.mktemp("runs")
-    _, test, spec = train_mod.load_data(_cfg(tmp, fashion_mnist_dir))
-    probe = dg.probe_subset(test, size=200, seed=0)
+    _, test, spec = load_data(_cfg(tmp, fashion_mnist_dir))
+    probe = balanced_draw(test, 200, seed=0)
     for epoch, steps in enumerate((4, 8)):
-        run_dir = train_mod.pretrain(_cfg(tmp, fashion_mnist_dir, [f"train.max_steps={steps}"]))
-        encoder, _ = train_mod.load_run(run_dir)
-        rec = dg.track(encoder, probe, spec=spec, views=4, alphas=(2.0, 10.0), nus=(1.0, 0.5))
+        run_dir = pretrain(_cfg(tmp, fashion_mnist_dir, [f"train.max_steps={steps}"]))
+        encoder, _ = load_run(run_dir)
+        rec = M.diagnostics_metrics(encoder, probe, spec=spec, views=4, alphas=(2.0, 10.0), nus=(1.0, 0.5))
         with open(run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"kind": "epoch", "epoch": epoch, **rec}) + "\n")
     return run_dir, probe, spec
@@ -45,8 +49,6 @@ def run(tmp_path_factory, fashion_mnist_dir):
 
 @pytest.fixture(scope="module")
 def feats(run):
-    from protoclr.train import load_run
-
     run_dir, probe, spec = run
     encoder, _ = load_run(run_dir)
     return dg.view_features(encoder, probe, views=4, recipe=spec, seed=0), probe.labels
@@ -112,21 +114,19 @@ def test_trained_encoder_diagnostics_are_finite_and_in_range(feats):
 
 
 def test_track_is_deterministic_leaves_the_encoder_and_rng_alone_and_matches_the_report(run):
-    from protoclr.train import load_run
-
     run_dir, probe, spec = run
     encoder, _ = load_run(run_dir)
     encoder.train()
     torch.manual_seed(123)
     rng = torch.get_rng_state()
-    a = dg.track(encoder, probe, spec=spec, views=4, alphas=(2.0, 10.0), nus=(1.0, 0.5), seed=7)
+    a = M.diagnostics_metrics(encoder, probe, spec=spec, views=4, alphas=(2.0, 10.0), nus=(1.0, 0.5), seed=7)
     assert torch.equal(torch.get_rng_state(), rng) and encoder.training
-    b = dg.track(encoder, probe, spec=spec, views=4, alphas=(2.0, 10.0), nus=(1.0, 0.5), seed=7)
+    b = M.diagnostics_metrics(encoder, probe, spec=spec, views=4, alphas=(2.0, 10.0), nus=(1.0, 0.5), seed=7)
     assert a == b
     encoder.eval()
     f = dg.view_features(encoder, probe, views=4, recipe=spec, seed=7)
     report = dg.diagnose_features(f, probe.labels, num_classes=10, alphas=(2.0, 10.0), nus=(1.0, 0.5))
-    want = dg.headline(report, alpha=2.0, nu=1.0)
+    want = M.headline(report, alpha=2.0, nu=1.0)
     assert a.keys() == want.keys()
     for key, value in want.items():
         assert a[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
@@ -134,14 +134,10 @@ def test_track_is_deterministic_leaves_the_encoder_and_rng_alone_and_matches_the
         report["bounds"]["repulsion"]["alpha=10,nu=0.5"]["gap"]
     )
     assert a["diag_bias_euclidean"] == pytest.approx(report["bias"]["backbone"]["raw"]["euclidean"])
-    only_bias = dg.track(encoder, probe, spec=spec, views=4, bounds=False, seed=7)
-    assert only_bias == {k: v for k, v in a.items() if k.startswith("diag_bias")}
-    other_seed = dg.track(encoder, probe, spec=spec, views=4, bounds=False, seed=8)
+    other_seed = M.diagnostics_metrics(encoder, probe, spec=spec, views=4, seed=8)
     assert other_seed["diag_bias_euclidean"] != a["diag_bias_euclidean"]  # the views do depend on the seed
-    with pytest.raises(ValueError, match="bounds=True or bias=True"):
-        dg.track(encoder, probe, spec=spec, bounds=False, bias=False)
     with pytest.raises(ValueError, match="views must be an int >= 2"):
-        dg.track(encoder, probe, spec=spec, views=1)
+        M.diagnostics_metrics(encoder, probe, spec=spec, views=1)
 
 
 def test_history_reads_the_tracked_epochs(run):
@@ -153,7 +149,7 @@ def test_history_reads_the_tracked_epochs(run):
 
 
 def test_diagnose_cli_prints_writes_json_plots_and_records(run, capsys):
-    from protoclr.results import ResultsDB
+    from protoclr.runs import ResultsDB
 
     run_dir, _, _ = run
     argv = [str(run_dir), "--probe-images", "200", "--views", "4", "--alphas", "2,10", "--nus", "1,0.5"]
@@ -192,7 +188,7 @@ def test_diagnose_cli_says_so_when_nothing_was_tracked(run, tmp_path, capsys):
     assert "no bound or bias terms were tracked" in text and "JSON file only" in text
     assert not (bare / "diagnostics_over_epochs.png").exists() and (bare / "diagnostics_bias_per_class.png").exists()
     assert "over_epochs" not in json.loads((bare / "diagnostics.json").read_text())["plots"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(NotACheckpoint):
         diagnose.cli_main([str(tmp_path / "missing")])
     with pytest.raises(SystemExit):
         diagnose.cli_main([str(bare), "--nus", "0,1"])
@@ -201,8 +197,8 @@ def test_diagnose_cli_says_so_when_nothing_was_tracked(run, tmp_path, capsys):
 def test_probe_subset_is_balanced_and_fixed(run):
     _, probe, _ = run
     assert probe.class_counts(10).tolist() == [20] * 10
-    again = dg.probe_subset(probe, size=55, seed=0)
+    again = balanced_draw(probe, 55, seed=0)
     assert again.class_counts(10).tolist() == [5] * 10
-    assert torch.equal(again.labels, dg.probe_subset(probe, size=55, seed=0).labels)
-    with pytest.raises(ValueError, match="size must be"):
-        dg.probe_subset(probe, size=1)
+    assert torch.equal(again.labels, balanced_draw(probe, 55, seed=0).labels)
+    with pytest.raises(ValueError, match="give no image per class"):
+        balanced_draw(probe, 1, seed=0)

@@ -9,7 +9,7 @@ import torch
 
 from protoclr import atomic
 from protoclr import evaluate as ev
-from protoclr.data import class_groups
+from protoclr.splits import class_groups
 
 
 def _knn_reference(train, train_y, test, *, num_classes, k, temperature):
@@ -257,12 +257,12 @@ def test_cli_evaluates_a_run_writes_eval_json_and_records_it(tmp_path, fashion_m
 
     train = pytest.importorskip("protoclr.train")
     from protoclr.config import load_config
-    from protoclr.results import ResultsDB
+    from protoclr.runs import ResultsDB
 
     cfg = load_config(
         None,
         [f"train.out_dir={tmp_path}", "train.run_name=tiny", "train.epochs=1", "train.max_steps=2",
-         "train.batch_size=32", "data.train_subset=128", "data.views=simclr_small", "monitor.every=0",
+         "train.batch_size=32", "data.train_subset=128", "data.views=simclr_small", "eval.every=0",
          f"data.root={fashion_mnist_dir}", "trainer.accelerator=cpu"],
     )  # fmt: skip
     run_dir = train.pretrain(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import zlib
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ MODULES = {
 @pytest.mark.parametrize("shape,alpha", [((2, 5, 4), 2.0), ((3, 4, 6), 0.7)])
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_matches_oracle(negatives, pos_in, scale, similarity, shape, alpha, chunk_size):
-    torch.manual_seed(hash((negatives, pos_in, scale, similarity, shape)) % 1000)
+    torch.manual_seed(zlib.crc32(repr((negatives, pos_in, scale, similarity, shape)).encode()) % 1000)
     z = torch.randn(*shape)
     kw = dict(alpha=alpha, lam=1.3, nu=0.8, negatives=negatives, positive_in_denominator=pos_in, scale=scale,
               similarity=similarity)
@@ -53,6 +54,31 @@ def test_matches_oracle(negatives, pos_in, scale, similarity, shape, alpha, chun
     out32 = contrastive_loss(z, **kw, chunk_size=chunk_size)
     assert out32.dtype == torch.float32
     torch.testing.assert_close(out32.double(), ref.mean(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("negatives,pos_in,scale,similarity", OPTIONS)
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_mean_positive_matches_oracle(negatives, pos_in, scale, similarity, chunk_size):
+    """positive="mean" (the multi_view_mean target): the attraction to the mean of the other views, V = 3."""
+    torch.manual_seed(zlib.crc32(repr((negatives, pos_in, scale, similarity)).encode()) % 1000)
+    z = torch.randn(3, 4, 5, dtype=torch.float64)
+    kw = dict(alpha=1.7, lam=1.3, nu=0.8, negatives=negatives, positive_in_denominator=pos_in, scale=scale,
+              similarity=similarity)
+    ref = oracle_loss(z, **kw, positive="mean", reduction="none")
+    got = contrastive_loss(z, **kw, positive="mean", reduction="none", chunk_size=chunk_size)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    pairs = oracle_loss(z, **kw, reduction="none")
+    if similarity == "dot":  # the mean of dot products is the dot product with the mean
+        torch.testing.assert_close(got, pairs, rtol=1e-10, atol=1e-10)
+    else:  # Jensen: s(a, mu) >= mean_w s(a, t_w) for -||.|| always, for cosine where a . mean_w u_w >= 0
+        u = torch.nn.functional.normalize(z, dim=-1)
+        mean_sim = ((u.sum(0, keepdim=True) - u) / 2 * u).sum(-1).flatten()  # (V*B,) mean_w s(a, t_w), V = 3
+        holds = torch.ones_like(mean_sim, dtype=torch.bool) if similarity == "neg_euclidean" else mean_sim >= 0
+        assert bool(holds.any()) and bool((got[holds] <= pairs[holds] + 1e-12).all())
+        assert not torch.allclose(got, pairs)
+    zg = z.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: contrastive_loss(x, **kw, positive="mean", chunk_size=chunk_size),
+                                    (zg,))
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

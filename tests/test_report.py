@@ -13,7 +13,7 @@ import pytest
 from protoclr import report as R
 from protoclr import sweep as S
 from protoclr.config import Config
-from protoclr.results import ResultsDB
+from protoclr.runs import ResultsDB
 
 
 def test_mean_std_and_fmt():

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from protoclr import sweep as S
-from protoclr.results import ResultsDB, has_schema
+from protoclr.runs import ResultsDB, has_schema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,9 +51,10 @@ def _sweep_file(tmp: Path, data: Path, *, epochs: int = 2, extra: dict | None = 
         "seeds": 2,
         "overrides": {"data.dataset": "image_folder", "data.root": str(data), "train.batch_size": 16,
                       "train.epochs": epochs, "model.projector_hidden_dim": 32, "model.projector_dim": 16,
-                      "trainer.progress": False, "trainer.loggers": [], "monitor.batch_size": 64},
+                      "trainer.progress": False, "trainer.loggers": [], "trainer.precision": "32-true",
+                      "eval.train_images": 0, "eval.diagnostics": True, "eval.diag_images": 16, "eval.diag_views": 2,
+                      "eval.batch_size": 64},
         "grid": {"loss.lam": [1, 2]},
-        "evaluate": {"train_images": 0, "probe_images": 16, "probe_views": 2, "batch_size": 64},
         **(extra or {}),
     }
     path = tmp / "tiny.yaml"
@@ -105,7 +106,8 @@ def _base_config_file() -> Path:
     ("grid: {loss.alpha: [1]}\nepochs: 3\n", "unknown key 'epochs'"),
     ("grid: {loss.alpha: 2}\n", "non-empty list"),
     ("grid: {loss.temp: [1, 2]}\n", r"grid.loss.temp: unknown config key 'loss.temp'"),
-    ("grid: {loss.alpha: [1]}\nevaluate: {probe_view: 4}\n", r"evaluate\.probe_view: unknown option"),
+    ("grid: {loss.alpha: [1]}\nevaluate: {probe_views: 4}\n",
+     r"unknown key 'evaluate'.*put eval\.\* keys under overrides"),
     ("overrides:\n  train.epochs: 4\n  loss.lam: 2\n  train.epochs: 8\ngrid: {loss.alpha: [1]}\n",
      r"bad\.yaml: line 4: key 'train.epochs' is given twice \(first at line 2\)"),
     ("grid: {loss.alpha: [1]\n", r"bad\.yaml: not valid YAML"),
@@ -167,105 +169,22 @@ def test_class_profiled_runs_probe_on_a_balanced_draw(tiny_data, profile):
     """A long-tailed and a uniform run fit their final probes on the same balanced draw of the unprofiled
     split; an unprofiled run fits them on its own pretraining set."""
     from protoclr.config import load_config
-    from protoclr.data import longtail_counts
-    from protoclr.train import class_profiled, load_data
+    from protoclr.splits import class_profiled, load_data, longtail_counts, probe_fit_set
 
     base = ["data.dataset=image_folder", f"data.root={tiny_data}", "data.imbalance_ratio=4"]
-    cfg = load_config(None, [*base, f"data.class_profile={profile}"])
+    cfg = load_config(None, [*base, f"data.class_profile={profile}", "eval.train_images=40"])
     split, train = load_data(cfg, class_profile=False)[0], load_data(cfg)[0]
-    pool = S.probe_train_set(cfg, split, S.EvalOptions(train_images=40))
+    pool = probe_fit_set(split, cfg)
     assert pool.class_counts(4).tolist() == [10, 10, 10, 10]
     assert len(train) == sum(longtail_counts(24, 4, imbalance_ratio=4))  # the long tail or its uniform twin
-    assert torch.equal(class_profiled(split, cfg).labels, train.labels)  # the profile drawn from the split
-    everything = S.probe_train_set(cfg, split, S.EvalOptions(train_images=0))
-    assert everything.class_counts(4).tolist() == [24] * 4
-    other = S.probe_train_set(load_config(None, [*base, "data.class_profile=longtail"]), split,
-                              S.EvalOptions(train_images=40))
+    assert torch.equal(class_profiled(split, cfg.data, seed=0).labels, train.labels)  # drawn from the split
+    every = load_config(None, [*base, f"data.class_profile={profile}", "eval.train_images=0"])
+    everything = probe_fit_set(split, every)
+    assert everything.class_counts(4).tolist() == [24] * 4  # 0 = as many as the smallest class allows
+    other = probe_fit_set(split, load_config(None, [*base, "data.class_profile=longtail", "eval.train_images=40"]))
     assert torch.equal(other.labels, pool.labels) and other.files == pool.files  # same draw for both profiles
-    plain = load_config(None, base)
-    assert S.probe_train_set(plain, split, S.EvalOptions(train_images=40)) is split
-
-
-def test_claim_respects_live_workers_and_takes_over_dead_ones(tmp_path, tiny_data):
-    sweep = S.load_sweep_file(_sweep_file(tmp_path, tiny_data))
-    runs = S.expand(sweep)
-    db = S.init_db(tmp_path / "runs.db")
-    S.register(db, sweep, runs, command="test")
-    rid = runs[0].run_id
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    try:
-        con = sqlite3.connect(db)
-        for pid in (live.pid, dead.pid):
-            con.execute("UPDATE sweep_runs SET host=?, pid=?, pid_start=?, heartbeat=?, attempts=1 WHERE run_id=?",
-                        (os.uname().nodename, pid, S._proc_start(pid), time.time(), rid))
-            con.commit()
-            assert S.claim(db, rid) is (pid == dead.pid)
-        con.close()
-        assert S.sweep_states(db, [rid])[rid]["pid"] == os.getpid()
-        S.release(db, rid, "done")
-        assert not S.claim(db, rid)  # done runs are never claimed again
-        S.release(db, runs[1].run_id, "failed", "boom")
-        assert not S.claim(db, runs[1].run_id) and S.claim(db, runs[1].run_id, retry_failed=True)
-    finally:
-        live.kill()
-        live.wait()
-
-
-def test_run_whose_worker_keeps_dying_is_marked_failed(tmp_path, tiny_data):
-    sweep = S.load_sweep_file(_sweep_file(tmp_path, tiny_data))
-    runs = S.expand(sweep)
-    db = S.init_db(tmp_path / "runs.db")
-    S.register(db, sweep, runs, command="test")
-    rid = runs[0].run_id
-    con = sqlite3.connect(db)
-    con.execute("UPDATE sweep_runs SET host=?, pid=999999999, attempts=? WHERE run_id=?",
-                (os.uname().nodename, S.MAX_ATTEMPTS, rid))
-    con.commit()
-    con.close()
-    assert not S.claim(db, rid)
-    assert S.sweep_states(db, [rid])[rid]["state"] == "failed"
-
-
-_WRITER = """
-import sys, time
-from protoclr.results import ResultsDB
-db = ResultsDB(sys.argv[1])
-db.start_run(sys.argv[2], config={"x": 1})
-for e in range(100000):
-    db.log_epoch(sys.argv[2], e, {"loss": float(e), "pad": "x" * 2000})
-"""
-
-
-def test_database_survives_killed_writers(tmp_path):
-    path = tmp_path / "runs.db"
-    ResultsDB(path)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), f"w{i}"], env=env) for i in range(2)]
-    deadline = time.time() + 60
-    db = ResultsDB(path)
-    while time.time() < deadline and min(len(db.epochs(f"w{i}")) if _has(db, f"w{i}") else 0 for i in range(2)) < 20:
-        time.sleep(0.05)
-    for w in writers:
-        w.send_signal(signal.SIGKILL)
-        w.wait()
-    con = sqlite3.connect(path)
-    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    con.close()
-    for i in range(2):
-        epochs = [e["epoch"] for e in db.epochs(f"w{i}")]
-        assert len(epochs) >= 20 and epochs == list(range(len(epochs)))  # whole transactions, no gaps
-    db.finish_run("w0", "interrupted", {"n": 1})  # still writable
-    assert db.get_run("w0")["status"] == "interrupted"
-
-
-def _has(db: ResultsDB, rid: str) -> bool:
-    try:
-        db.get_run(rid)
-        return True
-    except KeyError:
-        return False
+    plain = load_config(None, [*base, "eval.train_images=0"])
+    assert probe_fit_set(split, plain) is split
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,16 +192,16 @@ def _has(db: ResultsDB, rid: str) -> bool:
 
 
 def test_slurm_scripts_and_merge(tmp_path, tiny_data):
+    from protoclr import jobs, runs
+
     sweep = S.load_sweep_file(_sweep_file(tmp_path, tiny_data))
-    runs = S.expand(sweep)
+    specs = S.expand(sweep)
     out = tmp_path / "out"
-    db = S.init_db(out / "runs.db")
-    S.register(db, sweep, runs, command="protoclr sweep tiny.yaml --submit slurm")
     rc = S.cli_main([str(tmp_path / "tiny.yaml"), "--out", str(out), "--submit", "slurm", "--slurm-partition", "gpu",
                      "--slurm-gpus", "4", "--slurm-setup", "source .venv/bin/activate"])
     assert rc == 0
     scripts = sorted((out / "slurm").glob("*.sbatch"))
-    assert [p.stem for p in scripts] == sorted(r.run_id for r in runs)
+    assert [p.stem for p in scripts] == sorted(r.run_id for r in specs)
     text = scripts[0].read_text()
     rid = scripts[0].stem
     for line in ("#SBATCH --gres=gpu:4", "#SBATCH --partition=gpu", "source .venv/bin/activate",
@@ -290,21 +209,22 @@ def test_slurm_scripts_and_merge(tmp_path, tiny_data):
         assert line in text
     assert (out / "slurm" / "submit_all.sh").read_text().count("sbatch ") == 4
     # each job database holds its run's spec; a finished job's rows merge back, newer rows win
-    for r in runs:
+    for r in specs:
         job_db = out / "jobs" / r.run_id / "runs.db"
-        assert S.sweep_states(job_db, [r.run_id])[r.run_id]["state"] == "pending"
+        assert jobs.states(job_db, [r.run_id])[r.run_id]["state"] == "pending"
+        assert runs.run_spec(job_db, r.run_id)["config"] == r.config
         jdb = ResultsDB(job_db)
         jdb.start_run(r.run_id, config=r.config, run_dir=out / "jobs" / r.run_id / r.run_id)
         for e in range(2):
             jdb.log_epoch(r.run_id, e, {"loss": 1.0 - e})
         jdb.finish_run(r.run_id, "finished", {"eval_linear_top1": 0.5})
-        S.release(job_db, r.run_id, "done")
+        runs.release_run(job_db, r.run_id, "done")
     assert S.cli_main(["--merge", str(out)]) == 0
     main = ResultsDB(out / "runs.db")
     assert len(main.runs()) == 4 and all(r["status"] == "finished" for r in main.runs())
-    assert all(len(main.epochs(r.run_id)) == 2 for r in runs)
-    assert all(s["state"] == "done" for s in S.sweep_states(out / "runs.db", [r.run_id for r in runs]).values())
-    assert S.merge_databases(out / "runs.db", sorted(out.glob("jobs/*/runs.db"))) == 0  # idempotent
+    assert all(len(main.epochs(r.run_id)) == 2 for r in specs)
+    assert all(s["state"] == "done" for s in jobs.states(out / "runs.db", [r.run_id for r in specs]).values())
+    assert runs.merge_databases(out / "runs.db", sorted(out.glob("jobs/*/runs.db"))) == 0  # idempotent
 
 
 # ----------------------------------------------------------------------------------------------------------

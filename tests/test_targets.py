@@ -14,18 +14,11 @@ from test_train import TINY, tiny
 from twoproc import pretrain_one_and_two
 
 from protoclr import checkpoint as ckpt
-from protoclr.config import ConfigError, LossConfig, ModelConfig, load_config
+from protoclr.config import ConfigError, LossConfig, ModelConfig, TargetConfig, load_config
+from protoclr.losses import config_options, contrastive_loss
 from protoclr.models import build_encoder
-from protoclr.train import (
-    attraction_weight,
-    contrastive_preset,
-    contrastive_step_loss,
-    ema_update,
-    enqueue,
-    momentum_schedule,
-    pretrain,
-    target_side,
-)
+from protoclr.targets import TargetBranch, ema_update, enqueue, momentum_schedule
+from protoclr.train import pretrain
 
 
 def test_ema_update_matches_its_formula():
@@ -63,21 +56,22 @@ def _setup(seed: int = 0):
 @pytest.mark.parametrize("name", ["stop_gradient", "momentum"])
 def test_no_gradient_reaches_the_target_side(name):
     online, x = _setup()
-    fn, kw = contrastive_preset(LossConfig(name="generalized_nt_xent"))
-    target_enc = None
-    if name == "momentum":  # a target encoder that differs from the online one, parameters left trainable
-        target_enc = copy.deepcopy(online)
+    kw = config_options(LossConfig(name="generalized_nt_xent"))
+    branch = TargetBranch(TargetConfig(name=name), online, total_steps=10, dim=8)
+    target_enc = branch.encoder
+    if target_enc is not None:  # a target encoder that differs from the online one, parameters left trainable
+        target_enc.requires_grad_(True)
         with torch.no_grad():
             for p in target_enc.parameters():
                 p.add_(0.05 * torch.randn_like(p))
     # reference: anchors from one copy, targets from another copy that *does* carry gradient
     ref_a, ref_t = copy.deepcopy(online), copy.deepcopy(target_enc or online)
-    fn(ref_a(x)[1].view(2, 6, -1), target=ref_t(x)[1].view(2, 6, -1), **kw).backward()
+    contrastive_loss(ref_a(x)[1].view(2, 6, -1), target=ref_t(x)[1].view(2, 6, -1), **kw).backward()
     assert sum(p.grad.abs().sum() for p in ref_t.parameters()) > 0  # the target side would get gradient
 
     z = online(x)[1].view(2, 6, -1)  # (V, B, D)
-    t = target_side(name, z, x, target_enc)
-    loss = contrastive_step_loss(fn, kw, z, target_name=name, target=t, queue=None, weight=2.0)
+    t = branch.side(z, x)
+    loss = contrastive_loss(z, target=t, **branch.loss_options(), **kw)
     loss.backward()
     for p, pr in zip(online.parameters(), ref_a.parameters(), strict=True):
         torch.testing.assert_close(p.grad, pr.grad, rtol=1e-4, atol=1e-6)  # the anchor side's gradient only
@@ -111,13 +105,12 @@ def _hand_mean_target(z, *, name, alpha, lam, similarity):
 def test_multi_view_mean_equals_the_hand_computed_mean_target(name, similarity):
     torch.manual_seed(1)
     z = torch.randn(3, 5, 4, requires_grad=True)  # V=3
-    cfg = LossConfig(name=name, alpha=2.0, lam=1.5, similarity=similarity)
-    fn, kw = contrastive_preset(cfg)
-    got = contrastive_step_loss(fn, kw, z, target_name="multi_view_mean", target=None, queue=None,
-                                weight=attraction_weight(cfg))
+    kw = config_options(LossConfig(name=name, alpha=2.0, lam=1.5, similarity=similarity))
+    branch = TargetBranch(TargetConfig(name="multi_view_mean"), torch.nn.Identity(), total_steps=1, dim=4)
+    got = contrastive_loss(z, **branch.loss_options(), **kw)
     want = _hand_mean_target(z.detach(), name=name, alpha=2.0, lam=1.5, similarity=similarity)
     assert got.item() == pytest.approx(float(want), rel=1e-5)
-    shared = contrastive_step_loss(fn, kw, z, target_name="shared", target=None, queue=None, weight=1.0)
+    shared = contrastive_loss(z, **kw)
     assert got.item() < shared.item() - 1e-4  # Jensen: s(a, mean) > mean s(a, t), so the two differ
     got.backward()
     assert torch.isfinite(z.grad).all()
@@ -142,7 +135,7 @@ def test_invalid_target_combinations_name_the_keys(overrides, keys):
 
 
 MQ = ["target.name=momentum", "target.momentum_start=0.9", "target.queue_size=200", "loss.name=generalized_nt_xent",
-      "monitor.every=0", "trainer.loggers=[]"]
+      "eval.every=0", "trainer.loggers=[]"]
 
 
 def test_momentum_loop_applies_the_ema_after_the_step(tmp_path, fashion_mnist_dir):
@@ -150,8 +143,8 @@ def test_momentum_loop_applies_the_ema_after_the_step(tmp_path, fashion_mnist_di
     state = ckpt.load(pretrain(cfg) / "checkpoint.pt")
     torch.manual_seed(cfg.train.seed)
     init = build_encoder(cfg.model, in_channels=1).state_dict()  # the weights the run started from
-    m0 = float(state["target"]["momentum"][0])
-    assert m0 == pytest.approx(0.9) and state["target"]["step"] == 1
+    m0 = float(momentum_schedule(start=0.9, total_steps=8)[0])  # the update after step 0
+    assert m0 == pytest.approx(0.9) and state["step"] == 1
     for k, w in state["target"]["encoder"].items():
         if "running" in k or "num_batches" in k:
             continue  # BatchNorm statistics: the target's own, from its forward passes

@@ -20,17 +20,17 @@ import yaml
 from twoproc import pretrain_one_and_two
 
 from protoclr import checkpoint as ckpt
-from protoclr.config import LossConfig, load_config
-from protoclr.losses import LOSSES
+from protoclr.config import load_config
 from protoclr.models import build_encoder
-from protoclr.results import ResultsDB
-from protoclr.train import LARS, TrainingDiverged, build_loss, cli_main, load_data, load_run, lr_schedule, pretrain
+from protoclr.runs import ResultsDB, load_run
+from protoclr.splits import load_data
+from protoclr.train import LARS, TrainingDiverged, cli_main, lr_schedule, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 # 256 images, batch 64 -> 4 steps per epoch; monitors on 256 bank images and 200 test images.
 TINY = ["data.train_subset=256", "train.batch_size=64", "train.epochs=2", "model.projector_hidden_dim=64",
-        "model.projector_dim=32", "monitor.knn_train_samples=256", "monitor.test_samples=200", "monitor.knn_k=20",
-        "trainer.progress=false", "train.log_every=1", "optim.warmup_epochs=0.5", "trainer.precision=32-true"]
+        "model.projector_dim=32", "eval.train_images=256", "eval.test_images=200", "trainer.progress=false",
+        "train.log_every=1", "optim.warmup_epochs=0.5", "trainer.precision=32-true"]
 
 
 def tiny(out_dir: Path, *overrides: str):
@@ -70,18 +70,6 @@ def test_lars_matches_hand_computation():
     torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # excluded: plain SGD, no decay
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_every_loss_in_the_table_builds_and_backpropagates(name):
-    loss_fn = build_loss(LossConfig(name=name))
-    z = torch.randn(2, 8, 5, requires_grad=True)  # (V, B, D)
-    if name == "supervised_prototype":
-        loss = loss_fn(z.flatten(0, 1), torch.arange(8).remainder(4).repeat(2), torch.randn(4, 5))
-    else:
-        loss = loss_fn(*z.unbind(0))
-    loss.backward()
-    assert torch.isfinite(loss) and z.grad is not None and z.grad.abs().sum() > 0
-
-
 def test_smoke_two_epochs(full_run):
     run = full_run
     for name in ("config.yaml", "meta.json", "checkpoint.pt", "metrics.jsonl"):
@@ -113,7 +101,7 @@ def test_smoke_two_epochs(full_run):
 
 
 def test_class_profiles_set_the_training_counts(fashion_mnist_dir):
-    from protoclr.data import longtail_counts
+    from protoclr.splits import longtail_counts
 
     base = ["data.train_subset=3000", "data.imbalance_ratio=10"]
     sub = load_data(load_config(None, base))[0]
@@ -129,19 +117,37 @@ def test_class_profiles_set_the_training_counts(fashion_mnist_dir):
 
 
 def test_tracked_diagnostics_reach_metrics_and_db(tmp_path, fashion_mnist_dir):
-    run = pretrain(tiny(tmp_path, "train.run_name=tracked", "monitor.track_bounds=true", "monitor.track_bias=true",
-                        "monitor.track_every=2", "monitor.track_images=100", "monitor.track_views=2"))
+    run = pretrain(tiny(tmp_path, "train.run_name=tracked", "eval.diagnostics=true", "eval.every=2",
+                        "eval.diag_images=100", "eval.diag_views=2"))
     epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in epochs if r["kind"] == "epoch"]
     keys = ("diag_attraction_gap", "diag_repulsion_gap", "diag_bias_angle_deg", "diag_alignment")
-    assert not any(k in epochs[0] for k in keys)  # track_every=2: epoch 0 is not tracked
+    assert not any(k in epochs[0] for k in (*keys, "knn_top1"))  # eval.every=2: epoch 0 is not measured
     assert all(math.isfinite(epochs[1][k]) for k in keys)
     assert 0 <= epochs[1]["diag_bias_angle_deg"] <= 180
     db_epochs = ResultsDB(tmp_path / "runs.db").epochs("tracked")
     assert all(db_epochs[1][k] == epochs[1][k] for k in keys)
 
 
-def test_resume_is_bit_identical(full_run, tmp_path):
+def _count_steps(monkeypatch) -> list[int]:
+    """Record the step of every training step this process makes (TrainViews.make is called once per step)."""
+    import protoclr.views as V
+
+    calls, make = [], V.TrainViews.make
+
+    def counting(self, images, **kw):
+        calls.append(kw["step"])
+        return make(self, images, **kw)
+
+    monkeypatch.setattr(V.TrainViews, "make", counting)
+    return calls
+
+
+def _step_records(run: Path) -> list[int]:
+    return [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+
+
+def test_resume_is_bit_identical(full_run, tmp_path, monkeypatch):
     out = full_run.parent
     seen = []
 
@@ -155,8 +161,11 @@ def test_resume_is_bit_identical(full_run, tmp_path):
     state = ckpt.load(part / "checkpoint.pt")
     assert (state["epoch"], state["step_in_epoch"], state["step"]) == (0, 3, 3)  # stopped inside epoch 0
     assert ResultsDB(out / "runs.db").get_run("part")["status"] == "interrupted"
+    steps = _count_steps(monkeypatch)
     pretrain(tiny(out, "train.run_name=part", "train.checkpoint_every=3"), on_epoch_end=on_epoch_end)  # resumes
-    assert seen == [0, 1]
+    assert steps == [3, 4, 5, 6, 7]  # the second launch made only the steps after the checkpoint
+    assert json.loads((part / "meta.json").read_text())["resumed_at_step"] == 3
+    assert seen == [0, 1] and _step_records(part) == list(range(1, 9))
     a, b = weights(full_run), weights(part)
     for group in a:
         for k in a[group]:
@@ -168,6 +177,44 @@ def test_resume_is_bit_identical(full_run, tmp_path):
     # a run cannot be resumed under a different recipe
     with pytest.raises(ValueError, match=r"optim\.base_lr"):
         pretrain(tiny(out, "train.run_name=part", "optim.base_lr=1.0"))
+
+
+_KILLED_RUN = """
+import os, signal, sys
+import protoclr.views as V
+from protoclr.config import load_config
+from protoclr.train import pretrain
+make = V.TrainViews.make
+def dying(self, images, **kw):
+    if kw["step"] == int(sys.argv[2]):  # SIGKILL as this step starts: after its predecessors were logged
+        os.kill(os.getpid(), signal.SIGKILL)
+    return make(self, images, **kw)
+V.TrainViews.make = dying
+pretrain(load_config(None, sys.argv[3:] + ["train.out_dir=" + sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+def test_run_killed_between_checkpoints_resumes_bit_identical(full_run, tmp_path, monkeypatch):
+    """SIGKILL as the 6th step starts (checkpoints after steps 3, 4 (the epoch end) and 6): the resumed run redoes
+    step 5 from the step-4 checkpoint, writes each step record once, and ends with the uninterrupted run's
+    weights and epoch records."""
+    args = [*TINY, "train.run_name=killed", "train.checkpoint_every=3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(tmp_path), "5", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run = tmp_path / "killed"
+    assert ckpt.load(run / "checkpoint.pt")["step"] == 4 and _step_records(run) == [1, 2, 3, 4, 5]
+    steps = _count_steps(monkeypatch)
+    pretrain(load_config(None, [*args, f"train.out_dir={tmp_path}"]))
+    assert steps == [4, 5, 6, 7] and json.loads((run / "meta.json").read_text())["resumed_at_step"] == 4
+    assert _step_records(run) == list(range(1, 9))  # step 5 once, from the resumed run
+    a, b = weights(full_run), weights(run)
+    for group in a:
+        for k in a[group]:
+            assert torch.equal(a[group][k], b[group][k]), f"{group}.{k} differs after the kill and resume"
+    assert ResultsDB(tmp_path / "runs.db").epochs("killed") == ResultsDB(full_run.parent / "runs.db").epochs("full")
 
 
 _KILLED_WRITER = """
@@ -209,7 +256,7 @@ def test_killed_checkpoint_write_leaves_previous_loadable(tmp_path):
 
 def test_divergence_guard_stops_and_keeps_last_good_checkpoint(tmp_path, fashion_mnist_dir):
     cfg = tiny(tmp_path, "train.run_name=dot", "loss.similarity=dot", "optim.base_lr=200", "optim.warmup_epochs=0",
-               "train.checkpoint_every=1", "monitor.every=0")
+               "train.checkpoint_every=1", "eval.every=0")
     with pytest.raises(TrainingDiverged, match=r"at step \d+.*similarity=dot") as info:
         pretrain(cfg)
     run = info.value.run_dir
@@ -221,7 +268,7 @@ def test_divergence_guard_stops_and_keeps_last_good_checkpoint(tmp_path, fashion
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     # skip instead: the same bad steps are skipped (no update), counted, and the run goes on
     cfg = tiny(tmp_path, "train.run_name=skip", "loss.similarity=dot", "optim.base_lr=200",
-               "optim.warmup_epochs=0", "monitor.every=0", "train.on_nonfinite=skip", "train.max_skips=100")
+               "optim.warmup_epochs=0", "eval.every=0", "train.on_nonfinite=skip", "train.max_skips=100")
     run = pretrain(cfg)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     skipped = [r["step"] for r in records if r["kind"] == "skip"]
@@ -262,7 +309,7 @@ def test_two_gloo_processes_match_one(tmp_path, fashion_mnist_dir):
     Group norm (batch-independent) stands in for BatchNorm, whose statistics are per process on CPU
     (SyncBatchNorm needs a GPU); views and data order are per-sample deterministic, negatives are gathered.
     """
-    common = [*TINY, "model.norm=group", "train.max_steps=3", "monitor.every=0", f"train.out_dir={tmp_path}",
+    common = [*TINY, "model.norm=group", "train.max_steps=3", "eval.every=0", f"train.out_dir={tmp_path}",
               "trainer.accelerator=cpu", "trainer.loggers=[]"]
     pretrain_one_and_two(common)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
@@ -274,20 +321,23 @@ def test_two_gloo_processes_match_one(tmp_path, fashion_mnist_dir):
 
 
 def test_monitors_score_a_draw_of_every_class_of_a_class_sorted_split():
-    from protoclr.train import held_out_indices
+    from protoclr.data import LabeledImages
+    from protoclr.splits import held_out
 
     labels = torch.arange(10).repeat_interleave(1000)  # stored in class order, as the CIFAR-10 copy
-    idx = held_out_indices(len(labels), samples=1000)
-    counts = torch.bincount(labels[idx], minlength=10)
-    assert len(idx) == 1000 and bool((idx.diff() > 0).all()) and int(counts.min()) >= 70
-    assert torch.equal(idx, held_out_indices(len(labels), samples=1000))  # the same images for every run
-    assert torch.equal(held_out_indices(50, samples=0), torch.arange(50))
+    test = LabeledImages(labels=labels, classes=list("abcdefghij"),
+                         images=torch.arange(10000, dtype=torch.int64).remainder(256).to(torch.uint8).view(-1, 1, 1, 1))
+    scored = held_out(test, 1000)
+    counts = torch.bincount(scored.labels, minlength=10)
+    assert len(scored) == 1000 and int(counts.min()) >= 70
+    assert torch.equal(scored.labels, held_out(test, 1000).labels)  # the same images for every run
+    assert held_out(test, 0) is test
 
 
 def test_train_steps_spans_the_schedule_and_ends_in_a_cut_epoch(tmp_path, fashion_mnist_dir):
     """train.steps=6 with 4 steps per epoch: two passes, the second cut after 2 steps; the cosine reaches 0 at
     step 6 (not at 8) and the run is finished, not interrupted."""
-    run = pretrain(tiny(tmp_path, "train.steps=6", "train.epochs=99", "monitor.every=0"))
+    run = pretrain(tiny(tmp_path, "train.steps=6", "train.epochs=99", "eval.every=0"))
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
     steps = [r for r in records if r["kind"] == "step"]
@@ -304,7 +354,7 @@ def test_local_views_progressive_sizes_and_bf16_reach_the_encoder_and_loss(tmp_p
     from protoclr.models import Encoder
 
     seen_x, seen_z = [], []
-    forward, step_loss = Encoder.forward, T.contrastive_step_loss
+    forward, loss_fn = Encoder.forward, T.contrastive_loss
 
     def spy_forward(self, x):
         if self.training:
@@ -312,14 +362,14 @@ def test_local_views_progressive_sizes_and_bf16_reach_the_encoder_and_loss(tmp_p
                            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
         return forward(self, x)
 
-    def spy_loss(fn, kw, z, **k):
+    def spy_loss(z, **k):
         seen_z.append((tuple(z.shape), z.dtype))
-        return step_loss(fn, kw, z, **k)
+        return loss_fn(z, **k)
 
     monkeypatch.setattr(Encoder, "forward", spy_forward)
-    monkeypatch.setattr(T, "contrastive_step_loss", spy_loss)
+    monkeypatch.setattr(T, "contrastive_loss", spy_loss)
     run = pretrain(tiny(tmp_path, "data.local_views=3", "data.local_size=12", "data.view_sizes=16,28",
-                        "train.epochs=1", "monitor.every=0", "trainer.precision=bf16-mixed"))
+                        "train.epochs=1", "eval.every=0", "trainer.precision=bf16-mixed"))
     small, full = [(128, 1, 16, 16), (192, 1, 12, 12)], [(128, 1, 28, 28), (192, 1, 12, 12)]
     assert seen_x == [(small, torch.bfloat16)] * 2 + [(full, torch.bfloat16)] * 2  # 2 steps per size, autocast
     assert seen_z == [((5, 64, 32), torch.float32)] * 4  # 2 global + 3 local views of 64 images

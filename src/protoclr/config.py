@@ -23,7 +23,9 @@ from typing import Any
 
 import yaml
 
+from protoclr.data import DATASETS
 from protoclr.errors import UserError
+from protoclr.views import MODIFIERS, PRESETS, config_view_spec
 
 # target.name values (the loop in protoclr.train implements each; docs/training.md describes them)
 TARGETS = ("shared", "stop_gradient", "momentum", "multi_view_mean")
@@ -41,7 +43,7 @@ class DataConfig:
     train_split: str = "train"  # split trained on (labels unused except by the online probe)
     test_split: str = "test"  # held-out labeled split for the online monitors
     train_subset: int = 0  # use the first N of a seeded permutation of the train split; 0 = all
-    # Class balance of the training set, applied after train_subset (protoclr.data.longtail / uniform_subset):
+    # Class balance of the training set, applied after train_subset (protoclr.splits.longtail / uniform_subset):
     # none = as loaded; longtail = class c keeps n_max * profile(c) images (n_max = the smallest class);
     # uniform = class-balanced at the same image budget as the long-tailed set (the fair comparison).
     class_profile: str = "none"  # none | longtail | uniform
@@ -88,6 +90,10 @@ class LossConfig:
     # The repulsion (log-sum-exp) term is weighted lam / nu (docs/losses.md, equation 2).
     lam: float = 1.0  # generalized_nt_xent, balanced, supervised_prototype: weight of the repulsion term
     nu: float = 1.0  # balanced: divides the repulsion weight (lam / nu); > 0
+    # Multiply the loss by 1/alpha (inverse_alpha) or not (none); preset = the loss's own (balanced: inverse_alpha,
+    # the others: none). Under SGD the scale is a learning-rate factor: comparing balanced with generalized_nt_xent
+    # at one lr also compares step sizes alpha apart, unless both use the same scale (a matched control).
+    scale: str = "preset"
     similarity: str = "cosine"  # cosine | dot | neg_euclidean (dot, neg_euclidean: unnormalized z; dot may
     #                             diverge at a large lr)
     chunk_size: int = 0  # anchors per tile of the exact tiled loss; 0 = automatic (dense up to
@@ -139,22 +145,24 @@ class TrainConfig:
 
 
 @dataclass
-class MonitorConfig:
-    every: int = 1  # run the online monitors every N epochs (and always after the last); 0 = never
-    knn_k: int = 200  # weighted kNN (Wu et al. 2018) on backbone features
-    knn_temperature: float = 0.1
-    knn_train_samples: int = 10000  # train images forming the kNN bank; 0 = all
-    test_samples: int = 0  # held-out images scored (a fixed seeded draw, all classes); 0 = all
-    probe: bool = True  # online linear probe on detached backbone features of view 0
-    probe_lr: float = 0.1  # SGD lr of the probe (no schedule)
-    batch_size: int = 1024  # feature-extraction batch for the monitors
-    # In-training diagnostics (protoclr.diagnostics.track) on a fixed class-balanced probe set of the held-out
-    # split, logged as diag_* keys of the epoch records; cost: track_views * track_images encoder forwards.
-    track_bounds: bool = False  # attraction / repulsion bound terms and geometry
-    track_bias: bool = False  # prototype representation bias
-    track_every: int = 1  # epochs between tracked diagnostics (and always after the last)
-    track_images: int = 512  # probe images (class-balanced, at most C x the smallest class)
-    track_views: int = 4  # augmentations per probe image (>= 2)
+class EvalConfig:
+    # What is measured (protoclr.measure owns the protocols: weighted kNN k=200 T=0.1, the cached linear probe,
+    # the diagnostics), on which images (protoclr.splits: seeded draws, the same for every run of a seed). During
+    # pretraining every `every` epochs and after the last: kNN top-1 (knn_top1), the online probe (probe_top1),
+    # and with `diagnostics` the diag_* keys. After pretraining (protoclr sweep, protoclr demo): eval_knn_top1 and
+    # eval_linear_top1. protoclr sweep and protoclr pretrain read the same keys.
+    every: int = 1  # epochs between measurements during pretraining (and always after the last); 0 = none
+    train_images: int = 10000  # training images in the kNN bank and the final probes' fit set; 0 = all
+    test_images: int = 0  # held-out images scored (a fixed seeded draw of every class); 0 = all
+    online_probe: bool = True  # a linear probe trained along on detached view-0 backbone features (own SGD)
+    probe_lr: float = 0.1  # the online probe's SGD learning rate (momentum 0.9, no schedule)
+    linear: bool = True  # after pretraining: the cached linear probe (L-BFGS, weight decay chosen on 10% of train)
+    # Prototype bias, bound terms and geometry (protoclr.diagnostics) on a fixed class-balanced held-out probe
+    # set, as diag_* keys; cost: diag_views * diag_images encoder forwards per measurement.
+    diagnostics: bool = False
+    diag_images: int = 512  # probe images (class-balanced: at most C x the smallest class)
+    diag_views: int = 4  # augmentations per probe image (>= 2; the surrogate prototype is their mean)
+    batch_size: int = 1024  # feature-extraction batch
 
 
 @dataclass
@@ -182,7 +190,7 @@ class Config:
     target: TargetConfig = field(default_factory=TargetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def lr(self) -> float:
@@ -198,7 +206,7 @@ class Config:
 
     def validate(self) -> Config:
         """Range and choice checks; raises :class:`ConfigError` naming the first offending key."""
-        d, m, lo, o, t, mo = self.data, self.model, self.loss, self.optim, self.train, self.monitor
+        d, m, lo, o, t, ev = self.data, self.model, self.loss, self.optim, self.train, self.eval
         checks: list[tuple[str, bool, str]] = [
             ("data.num_views", d.num_views >= 2, "must be >= 2"),
             ("data.local_views", d.local_views >= 0, "must be >= 0"),
@@ -224,6 +232,7 @@ class Config:
             ("loss.nu", lo.nu > 0, "must be > 0 (it divides the repulsion weight)"),
             ("loss.similarity", lo.similarity in ("cosine", "dot", "neg_euclidean"),
              "must be one of cosine, dot, neg_euclidean"),
+            ("loss.scale", lo.scale in ("preset", "none", "inverse_alpha"), "must be preset, none or inverse_alpha"),
             ("loss.chunk_size", lo.chunk_size >= 0, "must be >= 0"),
             ("loss.prototype_momentum", 0 <= lo.prototype_momentum < 1, "must be in [0, 1)"),
             ("optim.name", o.name in ("sgd", "lars"), "must be sgd or lars"),
@@ -242,14 +251,13 @@ class Config:
             ("train.checkpoint_every", t.checkpoint_every >= 0, "must be >= 0"),
             ("train.on_nonfinite", t.on_nonfinite in ("stop", "skip"), "must be stop or skip"),
             ("train.log_every", t.log_every >= 1, "must be >= 1"),
-            ("monitor.every", mo.every >= 0, "must be >= 0"),
-            ("monitor.knn_k", mo.knn_k >= 1, "must be >= 1"),
-            ("monitor.knn_temperature", mo.knn_temperature > 0, "must be > 0"),
-            ("monitor.probe_lr", mo.probe_lr >= 0, "must be >= 0"),
-            ("monitor.batch_size", mo.batch_size >= 1, "must be >= 1"),
-            ("monitor.track_every", mo.track_every >= 1, "must be >= 1"),
-            ("monitor.track_images", mo.track_images >= 2, "must be >= 2"),
-            ("monitor.track_views", mo.track_views >= 2, "must be >= 2 (the bounds pair an anchor with another view)"),
+            ("eval.every", ev.every >= 0, "must be >= 0"),
+            ("eval.train_images", ev.train_images >= 0, "must be >= 0 (0 = all)"),
+            ("eval.test_images", ev.test_images >= 0, "must be >= 0 (0 = all)"),
+            ("eval.probe_lr", ev.probe_lr >= 0, "must be >= 0"),
+            ("eval.batch_size", ev.batch_size >= 1, "must be >= 1"),
+            ("eval.diag_images", ev.diag_images >= 2, "must be >= 2"),
+            ("eval.diag_views", ev.diag_views >= 2, "must be >= 2 (the bounds pair an anchor with another view)"),
             ("trainer.num_nodes", self.trainer.num_nodes >= 1, "must be >= 1"),
         ]
         tg = self.target
@@ -267,14 +275,10 @@ class Config:
              f"a queue adds negatives to candidates drawn from every view (negatives='all': nt_xent, "
              f"generalized_nt_xent, decoupled); loss.name={lo.name} does not use them"),
         ]
-        from protoclr.data import DATASETS  # the loaders' name table (imports torch: only when validating)
-
         checks.append(("data.dataset", d.dataset in DATASETS, f"unknown dataset; choose one of {', '.join(DATASETS)}"))
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{key}: {why}, got {_get(self, key)!r}")
-        from protoclr.views import MODIFIERS, PRESETS, config_view_spec
-
         if d.views not in PRESETS:
             raise ConfigError(f"data.views: unknown view preset {d.views!r}; choose one of {', '.join(PRESETS)}")
         for mod in d.view_modifiers:
@@ -439,9 +443,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "LossConfig",
     "ModelConfig",
-    "MonitorConfig",
     "OptimConfig",
     "TargetConfig",
     "TrainConfig",

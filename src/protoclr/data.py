@@ -1,4 +1,4 @@
-"""Datasets by name, long-tailed and uniform subsets, class groups.
+"""Datasets by name: the loaders, the image-folder decode cache, the ``LabeledImages`` type.
 
 Every dataset is a ``LabeledImages``: uint8 images ``(N, C, H, W)`` (held in memory, or decoded from files on
 demand), int64 labels ``(N,)`` and class names. Views and normalisation live in ``protoclr.views``.
@@ -6,9 +6,8 @@ demand), int64 labels ``(N,)`` and class names. Views and normalisation live in 
     train = load_dataset("cifar10_zip", split="train")             # ../shared/datasets/cifar10-jpeg/train.zip
     train = load_dataset("fashion_mnist")                           # Debian package dataset-fashion-mnist
     train = load_dataset("cifar10", root="data", download=True)     # torchvision's pickled batches
-    lt = longtail(train, profile="exp", imbalance_ratio=100)        # CIFAR-10-LT (Cao et al. 2019)
-    uni = uniform_subset(train, total=len(lt))                      # same budget, balanced
-    groups = class_groups(lt)                                       # {"many": ..., "medium": ..., "few": ...}
+
+Long-tailed and uniform subsets (seeded choices of images) are protoclr.splits'.
 
 Decoded archives and folders are cached as ``.pt`` files under ``$PROTOCLR_CACHE`` (default
 ``~/.cache/protoclr``), keyed by the source's path, size and modification time, so the JPEG decode runs once.
@@ -19,7 +18,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import math
 import os
 import pickle
 import shutil
@@ -776,116 +774,3 @@ def load_dataset(
     if name not in DATASETS:
         raise UnknownChoice(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     return DATASETS[name](split=split, root=root, download=download, **options)
-
-
-# --------------------------------------------------------------------------------------------------------
-# long-tailed and uniform subsets
-
-
-def longtail_counts(
-    max_count: int, num_classes: int, *, profile: str = "exp", imbalance_ratio: float = 100.0, pareto_alpha: float = 6.0
-) -> list[int]:
-    """Images per class, largest first: ``n_0 = max_count`` down to ``n_{C-1} = max_count / imbalance_ratio``.
-
-    exp (Cao et al. 2019, CIFAR-LT): ``n_c = floor(max_count * ratio^(-c / (C-1)))``.
-    pareto (ImageNet-LT, Liu et al. 2019, class sizes from a Pareto law with shape 6): the deterministic
-    quantile form ``n_c = floor(max_count * (1 + k c)^(-alpha))`` with ``k`` such that ``n_{C-1}`` hits the
-    ratio. Liu et al. draw the sizes at random; here they are the Pareto quantiles, so counts are exact.
-    """
-    if imbalance_ratio < 1:
-        raise ValueError(f"imbalance_ratio must be >= 1 (largest / smallest class), got {imbalance_ratio}.")
-    C = num_classes
-    if C == 1:
-        return [max_count]
-    if profile == "exp":
-        fr = [imbalance_ratio ** (-c / (C - 1)) for c in range(C)]
-    elif profile == "pareto":
-        k = (imbalance_ratio ** (1 / pareto_alpha) - 1) / (C - 1)
-        fr = [(1 + k * c) ** (-pareto_alpha) for c in range(C)]
-    else:
-        raise ValueError(f"profile must be 'exp' or 'pareto', got {profile!r}.")
-    return [max(1, math.floor(max_count * f + 1e-9)) for f in fr]
-
-
-def _per_class_indices(dataset: LabeledImages, gen: torch.Generator) -> list[Tensor]:
-    y = dataset.labels
-    out = []
-    for c in range(len(dataset.classes)):
-        idx = (y == c).nonzero().flatten()
-        out.append(idx[torch.randperm(idx.numel(), generator=gen)])
-    return out
-
-
-def longtail(
-    dataset: LabeledImages,
-    *,
-    profile: str = "exp",
-    imbalance_ratio: float = 100.0,
-    seed: int = 0,
-    max_count: int | None = None,
-    class_order: str = "index",
-    pareto_alpha: float = 6.0,
-) -> LabeledImages:
-    """A long-tailed subset: class ranked r keeps ``longtail_counts(...)[r]`` images drawn with ``seed``.
-
-    ``max_count`` defaults to the smallest class size (so every class can supply its share).
-    ``class_order="index"`` ranks classes 0, 1, ... (Cao et al.); "random" ranks them by a seeded permutation.
-    Indices are kept in ascending order.
-    """
-    C = len(dataset.classes)
-    counts = dataset.class_counts(C)
-    n_max = int(counts.min()) if max_count is None else int(max_count)
-    target = longtail_counts(n_max, C, profile=profile, imbalance_ratio=imbalance_ratio, pareto_alpha=pareto_alpha)
-    gen = torch.Generator().manual_seed(seed)
-    if class_order == "index":
-        order = list(range(C))
-    elif class_order == "random":
-        order = torch.randperm(C, generator=gen).tolist()
-    else:
-        raise ValueError(f"class_order must be 'index' or 'random', got {class_order!r}.")
-    per_class = _per_class_indices(dataset, gen)
-    keep = []
-    for rank, c in enumerate(order):
-        if target[rank] > per_class[c].numel():
-            raise ValueError(
-                f"class {dataset.classes[c]!r} has {per_class[c].numel()} images but the profile needs "
-                f"{target[rank]}; lower max_count."
-            )
-        keep.append(per_class[c][: target[rank]])
-    return dataset.subset(torch.cat(keep).sort().values)
-
-
-def uniform_subset(dataset: LabeledImages, *, total: int, seed: int = 0) -> LabeledImages:
-    """A class-balanced subset of exactly ``total`` images: ``total // C`` per class, one more for
-    ``total % C`` classes chosen with ``seed``. Pairs with ``longtail`` to compare equal budgets."""
-    C = len(dataset.classes)
-    gen = torch.Generator().manual_seed(seed)
-    extra = set(torch.randperm(C, generator=gen)[: total % C].tolist())
-    per_class = _per_class_indices(dataset, gen)
-    keep = []
-    for c in range(C):
-        n = total // C + (c in extra)
-        if n > per_class[c].numel():
-            raise ValueError(
-                f"uniform_subset(total={total}) needs {n} images of class {dataset.classes[c]!r} but it "
-                f"has {per_class[c].numel()}; lower total."
-            )
-        keep.append(per_class[c][:n])
-    return dataset.subset(torch.cat(keep).sort().values)
-
-
-def class_groups(
-    dataset_or_counts: LabeledImages | Tensor, *, many_above: int = 100, few_below: int = 20
-) -> dict[str, Tensor]:
-    """Class ids by training-set size: many (> 100 images), medium (20-100), few (< 20), as in Liu et al. 2019.
-
-    dataset_or_counts: the training set, or its per-class counts ``(C,)``. Returns int64 class-id tensors.
-    """
-    counts = dataset_or_counts.class_counts() if isinstance(dataset_or_counts, LabeledImages) else dataset_or_counts
-    counts = torch.as_tensor(counts)
-    ids = torch.arange(counts.numel())
-    return {
-        "many": ids[counts > many_above],
-        "medium": ids[(counts >= few_below) & (counts <= many_above)],
-        "few": ids[counts < few_below],
-    }

@@ -11,12 +11,24 @@ metrics over epochs and the bias per class. The maths live in :mod:`protoclr.dia
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from protoclr.diagnostics import diagnose_features, headline, loss_alpha, probe_subset, view_features
+from protoclr import measure as M
+from protoclr.atomic import write_json
+from protoclr.data import load_dataset
+from protoclr.diagnostics import diagnose_features, view_features
+from protoclr.errors import NotACheckpoint
+from protoclr.evaluate import record_in_runs_db
+from protoclr.losses import config_alpha
+from protoclr.measure import headline
+from protoclr.runs import ResultsDB, load_run
+from protoclr.splits import HELD_OUT, balanced_draw
+from protoclr.views import config_view_spec
 
 
 def history(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -26,8 +38,6 @@ def history(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     run's epoch rows in ``run_dir/../runs.db`` (where ``protoclr sweep`` adds them); a later record of the
     same epoch wins. Empty when nothing was tracked.
     """
-    import json
-
     run_dir = Path(run_dir)
     by_epoch: dict[int, dict[str, Any]] = {}
     metrics = run_dir / "metrics.jsonl"
@@ -41,8 +51,6 @@ def history(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
                 by_epoch.setdefault(int(rec["epoch"]), {}).update(rec)
     db_path = run_dir.parent / "runs.db"
     if db_path.is_file():
-        from protoclr.results import ResultsDB
-
         for row in ResultsDB(db_path).epochs(run_dir.name):
             if "epoch" in row:
                 by_epoch.setdefault(int(row["epoch"]), {}).update(row)
@@ -57,16 +65,15 @@ def history(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 # Panels of the over-epochs plot: (title, [(key prefix, label)]); a key prefix matches every
 # `prefix/alpha.._nu..` variant too.
 _HISTORY_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
-    ("attraction terms", (("diag_attraction_sup", "supervised -s(z, mu_y)"),
-                          ("diag_attraction_surrogate", "surrogate -s(z, mu~_x)"),
-                          ("diag_attraction_ssl", "self-supervised -E s(z, f)"))),
-    ("repulsion terms", (("diag_repulsion_sup", "supervised max s(z, mu_y')"),
-                         ("diag_repulsion_ssl", "self-supervised bound"))),
-    ("gaps (bound holds: >= 0)", (("diag_attraction_gap", "attraction gap"),
-                                  ("diag_repulsion_gap/", "repulsion gap"),
-                                  ("diag_repulsion_gap", "repulsion gap"))),
-    ("prototype bias (angle, degrees)", (("diag_bias_angle_deg", "backbone"),
-                                         ("diag_bias_proj_angle_deg", "projector"))),
+    ("attraction terms", ((M.ATTRACTION_SUP, "supervised -s(z, mu_y)"),
+                          (M.ATTRACTION_SURROGATE, "surrogate -s(z, mu~_x)"),
+                          (M.ATTRACTION_SSL, "self-supervised -E s(z, f)"))),
+    ("repulsion terms", ((M.REPULSION_SUP, "supervised max s(z, mu_y')"),
+                         (M.REPULSION_SSL, "self-supervised bound"))),
+    ("gaps (bound holds: >= 0)", ((M.ATTRACTION_GAP, "attraction gap"),
+                                  (M.REPULSION_GAP + "/", "repulsion gap"),
+                                  (M.REPULSION_GAP, "repulsion gap"))),
+    ("prototype bias (angle, degrees)", ((M.BIAS, "backbone"), (M.BIAS_PROJ, "projector"))),
 )  # fmt: skip
 
 
@@ -243,15 +250,7 @@ def _print_report(console: Any, report: dict[str, Any], *, title: str) -> None:
 
 def cli_main(argv: list[str]) -> int:
     """``protoclr diagnose``: see ``--help``."""
-    import time
-
     from rich.console import Console
-
-    from protoclr.atomic import write_json
-    from protoclr.data import load_dataset
-    from protoclr.evaluate import record_in_runs_db
-    from protoclr.train import load_run
-    from protoclr.views import config_view_spec
 
     p = _parser()
     args = p.parse_args(argv)
@@ -265,7 +264,7 @@ def cli_main(argv: list[str]) -> int:
     path = Path(args.path)
     ckpt = path / "checkpoint.pt" if path.is_dir() else path
     if not ckpt.is_file():
-        p.error(f"no checkpoint at {ckpt}; pass a run folder or a checkpoint file.")
+        raise NotACheckpoint(f"no checkpoint at {ckpt}; pass a run folder or a checkpoint file")
     run_dir = ckpt.parent
     t0 = time.perf_counter()
     encoder, cfg = load_run(ckpt, map_location=args.device)
@@ -275,10 +274,10 @@ def cli_main(argv: list[str]) -> int:
     root = args.root or (d.root if name == d.dataset else None) or None
     split = args.split or d.test_split
     data = load_dataset(name, split=split, root=root)
-    probe = probe_subset(data, size=min(args.probe_images, len(data)), seed=0)
+    probe = balanced_draw(data, min(args.probe_images, len(data)), seed=HELD_OUT)
     labels = torch.as_tensor(probe.labels).long()
     num_classes = len(probe.classes)
-    run_alpha = loss_alpha(cfg.loss)
+    run_alpha = config_alpha(cfg.loss)
     alphas = alphas_arg or tuple(sorted({1.0, run_alpha, 10.0}))
     seed = cfg.train.seed if args.seed is None else args.seed
     spec = config_view_spec(d)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from protoclr.views import make_views, view_spec
+
 _EPS = 1e-12
 
 
@@ -62,7 +64,7 @@ def _check_views(feats: Tensor, labels: Tensor, num_classes: int, *, min_views: 
     if empty:
         raise ValueError(
             f"classes {empty[:10]} have no images in the probe set; pass a probe set with every class "
-            "(e.g. protoclr.data.uniform_subset) or relabel to the classes present."
+            "(e.g. protoclr.splits.uniform_subset) or relabel to the classes present."
         )
 
 
@@ -379,8 +381,6 @@ def _resolve_recipe(recipe: Any) -> Callable[..., Tensor]:
     """
     if callable(recipe) and not hasattr(recipe, "size"):
         return recipe
-    from protoclr.views import make_views, view_spec
-
     spec = view_spec(recipe, []) if isinstance(recipe, str) else recipe
 
     def views(images: Tensor, *, num_views: int, seed: int, indices: Tensor) -> Tensor:
@@ -486,136 +486,3 @@ def flat_metrics(report: dict[str, Any], *, prefix: str = "") -> dict[str, float
     if "bounds" in report:
         out[prefix + "bounds/violations"] = float(len(report["bounds"]["violations"]))
     return out
-
-
-# --------------------------------------------------------------------------------------------------------
-# headline scalars and in-training tracking
-
-
-def probe_subset(dataset: Any, *, size: int = 512, seed: int = 0) -> Any:
-    """A fixed, class-balanced probe set of at most ``size`` images (``protoclr.data.uniform_subset``).
-
-    Balanced because the repulsion bound's ``log n`` term assumes it; capped at ``C`` times the smallest
-    class so every class gives the same count. The same ``(dataset, size, seed)`` gives the same images.
-    """
-    from protoclr.data import uniform_subset
-
-    if not isinstance(size, int) or size < 2:
-        raise ValueError(f"size must be an int >= 2 (probe images), got {size!r}.")
-    num_classes = len(dataset.classes)
-    smallest = int(dataset.class_counts(num_classes).min())
-    if smallest == 0:
-        raise ValueError("the probe dataset has a class with no images; pick a split with every class (e.g. test).")
-    per_class = min(size, num_classes * smallest) // num_classes
-    if per_class < 1:
-        raise ValueError(f"size={size} gives no image per class for {num_classes} classes; use size >= {num_classes}.")
-    return uniform_subset(dataset, total=per_class * num_classes, seed=seed)
-
-
-def headline(report: dict[str, Any], *, alpha: float, nu: float) -> dict[str, float]:
-    """The scalars a results row or a metrics log keeps from a :func:`diagnose_features` report, as flat
-    ``diag_*`` keys (the names ``protoclr sweep`` records per epoch, so reports read both).
-
-    Bias (if ``report`` has it): ``diag_bias_angle_deg`` / ``diag_bias_cosine`` (backbone, normalised),
-    ``diag_bias_euclidean`` (backbone, raw: the paper's scale), ``diag_bias_proj_angle_deg``. Bounds (if
-    present): attraction terms, the repulsion terms at (``alpha``, ``nu``) (which must be in the report),
-    ``.._holds`` (share of anchors where the bound holds), ``diag_repulsion_gap/alpha{A}_nu{V}`` and
-    ``.._holds/..`` for every pair, the assumption quantities and ``diag_violations`` (a count). Geometry:
-    alignment, uniformity, effective rank, positive / negative similarity, contrastive top-1.
-    """
-    out: dict[str, float] = {}
-    if "bias" in report:
-        bb, bp = report["bias"]["backbone"], report["bias"]["projector"]
-        out.update(
-            diag_bias_angle_deg=bb["normalized"]["angle_deg"],
-            diag_bias_cosine=bb["normalized"]["cosine"],
-            diag_bias_euclidean=bb["raw"]["euclidean"],
-            diag_bias_proj_angle_deg=bp["normalized"]["angle_deg"],
-        )
-    if "bounds" in report:
-        b = report["bounds"]
-        key = f"alpha={alpha:g},nu={nu:g}"
-        if key not in b["repulsion"]:
-            raise ValueError(f"alpha={alpha:g}, nu={nu:g} is not in the report ({sorted(b['repulsion'])}); "
-                             "compute the bounds with that pair among alphas and nus.")  # fmt: skip
-        a, r, asm = b["attraction"], b["repulsion"][key], b["assumptions"]
-        out.update(
-            diag_attraction_sup=a["supervised"],
-            diag_attraction_surrogate=a["surrogate"],
-            diag_attraction_ssl=a["self_supervised"],
-            diag_attraction_gap=a["gap"],
-            diag_attraction_holds=a["holds_fraction"],
-            diag_repulsion_sup=r["supervised"],
-            diag_repulsion_ssl=r["self_supervised"],
-            diag_repulsion_gap=r["gap"],
-            diag_repulsion_holds=r["holds_fraction"],
-            diag_bound_alpha=float(alpha),
-            diag_bound_nu=float(nu),
-        )
-        for pair, rr in b["repulsion"].items():
-            a_, nu_ = (float(v.split("=")[1]) for v in pair.split(","))
-            out[f"diag_repulsion_gap/alpha{a_:g}_nu{nu_:g}"] = rr["gap"]
-            out[f"diag_repulsion_holds/alpha{a_:g}_nu{nu_:g}"] = rr["holds_fraction"]
-        out.update(
-            diag_balance_ratio=asm["balance_ratio"],
-            diag_prototype_norm_min=asm["prototype_norm_min"],
-            diag_violations=float(len(b["violations"])),
-        )
-    if "geometry" in report:
-        out.update({f"diag_{k}": float(v) for k, v in report["geometry"].items()})
-    return out
-
-
-def track(
-    encoder: torch.nn.Module,
-    probe: Any,
-    *,
-    spec: Any,
-    views: int = 4,
-    alphas: tuple[float, ...] = (2.0,),
-    nus: tuple[float, ...] = (1.0,),
-    bounds: bool = True,
-    bias: bool = True,
-    seed: int = 0,
-    batch_size: int = 512,
-    device: str | torch.device = "cpu",
-) -> dict[str, float]:
-    """Diagnostics for a metrics log during pretraining: :func:`headline` keys of the encoder on ``probe``.
-
-    probe: a fixed labeled set (:func:`probe_subset`); ``spec``: a view recipe (:func:`view_features`);
-    ``views``: K augmentations per image; ``bounds`` adds the bound terms and geometry (the first of
-    ``alphas`` x ``nus`` gives the plain ``diag_repulsion_*`` keys), ``bias`` the prototype bias. The
-    encoder is switched to eval mode (frozen batch-norm statistics) and back; no gradient, the global RNG is
-    not touched, and view ``v`` of probe image ``i`` depends only on ``(seed, i, v)``, so two calls on the same
-    weights give the same numbers and a resumed run logs what an uninterrupted one would.
-    Cost: ``K * len(probe)`` encoder forwards plus well under a second (docs/evaluation.md).
-    """
-    if not (bounds or bias):
-        raise ValueError("track needs bounds=True or bias=True (otherwise there is nothing to compute).")
-    if not isinstance(views, int) or views < 2:
-        raise ValueError(f"views must be an int >= 2 (the bounds pair an anchor with another view), got {views!r}.")
-    if not alphas or not nus:
-        raise ValueError("alphas and nus must be non-empty tuples of positive numbers.")
-    labels = torch.as_tensor(probe.labels).long()
-    num_classes = len(probe.classes)
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad():
-            feats = view_features(encoder, probe, views=views, recipe=spec, seed=seed, batch_size=batch_size,
-                                  device=device)  # fmt: skip
-    finally:
-        encoder.train(was_training)
-    report: dict[str, Any] = {}
-    if bias:
-        report["bias"] = bias_report(feats, labels, num_classes=num_classes)
-    if bounds:
-        z = feats["projector"]
-        report["bounds"] = bound_terms(z, labels, num_classes=num_classes, alphas=tuple(alphas), nus=tuple(nus))
-        report["geometry"] = geometry(z)
-    return headline(report, alpha=alphas[0], nu=nus[0])
-
-
-def loss_alpha(loss_cfg: Any) -> float:
-    """The inverse temperature of a run's loss: ``1 / temperature`` for nt_xent / decoupled, else ``alpha``."""
-    return 1.0 / loss_cfg.temperature if loss_cfg.name in ("nt_xent", "decoupled") else float(loss_cfg.alpha)

@@ -25,7 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from protoclr import atomic
+from protoclr.data import load_dataset
 from protoclr.errors import NotACheckpoint, UserError
+from protoclr.runs import ResultsDB, load_run
+from protoclr.splits import class_groups
+from protoclr.views import config_view_spec, eval_images
 
 # Similarity block budget for kNN when no chunk size is given: rows * N * 4 bytes stays under this.
 _KNN_BLOCK_BYTES = 64 * 2**20
@@ -536,8 +540,6 @@ def record_in_runs_db(run_dir: Path, metrics: dict[str, float]) -> str:
     db_path = run_dir.parent / "runs.db"
     if not db_path.is_file():
         return f"no {db_path}; results are in the JSON file only"
-    from protoclr.results import ResultsDB
-
     db = ResultsDB(db_path)
     try:
         row = db.get_run(run_dir.name)
@@ -554,10 +556,6 @@ def cli_main(argv: list[str]) -> int:
 
     from rich.console import Console
     from rich.table import Table
-
-    from protoclr.data import class_groups, load_dataset
-    from protoclr.train import load_run
-    from protoclr.views import config_view_spec, eval_images
 
     args = _parser().parse_args(argv)
     if args.k <= 0 or args.temperature <= 0 or args.batch_size <= 0 or args.epochs <= 0:

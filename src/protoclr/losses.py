@@ -21,6 +21,8 @@ otherwise its backward recomputes the tiles.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ from torch import nn
 from protoclr.distributed import DistContext, all_gather_with_grad, current_context
 
 NEGATIVES = ("all", "cross")
+POSITIVES = ("pairs", "mean")
 SCALES = ("none", "inverse_alpha")
 SIMILARITIES = ("cosine", "dot", "neg_euclidean")
 REDUCTIONS = ("mean", "none")
@@ -235,6 +238,7 @@ def contrastive_loss(
     nu: float = 1.0,
     negatives: str = "all",
     positive_in_denominator: bool = True,
+    positive: str = "pairs",
     scale: str = "none",
     similarity: str = "cosine",
     reduction: str = "mean",
@@ -252,6 +256,13 @@ def contrastive_loss(
         lam, nu: the repulsion term is weighted ``lam / nu`` (``lam >= 0``, ``nu > 0``).
         negatives: ``"all"`` (every other row, SimCLR) or ``"cross"`` (the rows of the positive's view).
         positive_in_denominator: ``False`` removes every positive of the anchor from its candidates (DCL).
+        positive: the attraction term. ``"pairs"``: ``-alpha * mean_{w != v} s(a, t_w)``, each other view a
+            one-sample estimate of the image's surrogate prototype (the loss as written above). ``"mean"``:
+            ``-alpha * s(a, mu)`` with ``mu`` the mean of the image's other target views (of the L2-normalized
+            rows for cosine, the prototype of normalized representations; docs/losses.md step 1), the direct
+            estimate (target branch ``multi_view_mean``). The two coincide for ``dot`` and for V = 2; for cosine
+            and ``neg_euclidean`` Jensen's inequality makes ``"mean"``'s similarity the larger. The repulsion term
+            is the same for both.
         scale: ``"none"`` or ``"inverse_alpha"`` (multiply by ``1/alpha``).
         similarity: ``"cosine"`` (L2-normalized dot), ``"dot"`` or ``"neg_euclidean"`` (``-||u - v||``).
         reduction: ``"mean"`` over anchors, or ``"none"`` for the ``(V*B,)`` per-anchor losses, view-major.
@@ -279,6 +290,7 @@ def contrastive_loss(
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     _choice("negatives", negatives, NEGATIVES)
+    _choice("positive", positive, POSITIVES)
     _choice("scale", scale, SCALES)
     _choice("similarity", similarity, SIMILARITIES)
     _choice("reduction", reduction, REDUCTIONS)
@@ -328,8 +340,13 @@ def contrastive_loss(
             zc, Q = torch.cat([zc, zq]), zq.shape[0]
         img = (torch.arange(Bl, device=z.device) + offset).repeat(V)  # (V*Bl,) global image index
 
-        # Attraction: mean over the V-1 positives of s(a, p); positives are always on this rank.
-        if kernel == "dot":
+        # Attraction: mean over the V-1 positives of s(a, p), or s(a, mean of them); positives are always on
+        # this rank.
+        if positive == "mean" and similarity != "dot":  # for dot the mean of similarities is the similarity to the mean
+            mu = (tf.sum(0, keepdim=True) - tf) / (V - 1)  # (V, Bl, D): the mean of the other views' targets
+            mu = F.normalize(mu, dim=-1) if similarity == "cosine" else mu
+            pos = _pairwise_similarity(zf, mu, kernel)  # (V, Bl)
+        elif kernel == "dot":
             pos = (zf * (tf.sum(0, keepdim=True) - tf)).sum(-1) / (V - 1)  # (V, Bl)
         else:
             pos = torch.stack(
@@ -361,21 +378,76 @@ def contrastive_loss(
 # named presets
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named member of the family: the options of :func:`contrastive_loss` it fixes and the numbers it reads."""
+
+    alpha_from: str  # "temperature": alpha = 1 / temperature; "alpha": alpha as given
+    params: tuple[str, ...]  # the hyperparameters it takes (the config's loss.<name> keys)
+    negatives: str = "all"
+    positive_in_denominator: bool = True
+    scale: str = "none"  # its default scale (the config's loss.scale=preset)
+
+
+# name -> preset; the config (loss.name), the loop, the diagnostics and the module classes below all read it.
+PRESETS: dict[str, Preset] = {
+    # SimCLR (Chen et al. 2020): all negatives, the positive in the denominator.
+    "nt_xent": Preset(alpha_from="temperature", params=("temperature",)),
+    # NT-Xent with a repulsion weight lam (the paper's generalization), unscaled.
+    "generalized_nt_xent": Preset(alpha_from="alpha", params=("alpha", "lam")),
+    # DCL (Yeh et al. 2022): the positives out of the denominator.
+    "decoupled": Preset(alpha_from="temperature", params=("temperature",), positive_in_denominator=False),
+    # The loss derived from the supervised prototype objective: cross-view candidates, lam / nu, times 1 / alpha.
+    "balanced": Preset(alpha_from="alpha", params=("alpha", "lam", "nu"), negatives="cross", scale="inverse_alpha"),
+}
+
+
+def preset_options(name: str, *, temperature: float = 0.5, alpha: float = 2.0, lam: float = 1.0, nu: float = 1.0,
+                   scale: str = "preset") -> dict:
+    """The keyword arguments of :func:`contrastive_loss` that make loss ``name``: ``alpha`` (``1 / temperature``
+    for the temperature presets), ``lam`` and ``nu`` (1 where the preset takes none), ``negatives``,
+    ``positive_in_denominator`` and ``scale`` (``"preset"``: the preset's own)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown contrastive loss {name!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    if p.alpha_from == "temperature":
+        _positive_number("temperature", temperature)
+        alpha = 1.0 / temperature
+    if scale != "preset":
+        _choice("scale", scale, SCALES)
+    return dict(alpha=float(alpha), lam=float(lam) if "lam" in p.params else 1.0,
+                nu=float(nu) if "nu" in p.params else 1.0, negatives=p.negatives,
+                positive_in_denominator=p.positive_in_denominator, scale=p.scale if scale == "preset" else scale)
+
+
+def config_options(loss: Any) -> dict:
+    """:func:`preset_options` of a loss config (``protoclr.config.LossConfig``) with its similarity and chunk size:
+    everything :func:`contrastive_loss` needs besides ``z``, ``target``, ``queue`` and ``positive``."""
+    return dict(preset_options(loss.name, temperature=loss.temperature, alpha=loss.alpha, lam=loss.lam, nu=loss.nu,
+                               scale=loss.scale),
+                similarity=loss.similarity, chunk_size=loss.chunk_size or None)  # chunk 0 -> automatic
+
+
+def config_alpha(loss: Any) -> float:
+    """The inverse temperature of a loss config: the preset's ``alpha`` (``1 / temperature`` for nt_xent and
+    decoupled), ``alpha`` for the supervised objective. The diagnostics evaluate the bounds at it."""
+    return float(loss.alpha) if loss.name not in PRESETS else preset_options(
+        loss.name, temperature=loss.temperature, alpha=loss.alpha)["alpha"]
+
+
 def nt_xent_loss(z: torch.Tensor, temperature: float = 0.5, **kwargs) -> torch.Tensor:
     """SimCLR's NT-Xent (Chen et al. 2020): ``alpha = 1/temperature``, all negatives, positive in."""
-    _positive_number("temperature", temperature)
-    return contrastive_loss(z, alpha=1.0 / temperature, **kwargs)
+    return contrastive_loss(z, **preset_options("nt_xent", temperature=temperature), **kwargs)
 
 
 def generalized_nt_xent_loss(z: torch.Tensor, alpha: float = 2.0, lam: float = 1.0, **kwargs) -> torch.Tensor:
     """NT-Xent with the repulsion term weighted by ``lam``: all negatives, positive in, no scale."""
-    return contrastive_loss(z, alpha=alpha, lam=lam, **kwargs)
+    return contrastive_loss(z, **preset_options("generalized_nt_xent", alpha=alpha, lam=lam), **kwargs)
 
 
 def decoupled_contrastive_loss(z: torch.Tensor, temperature: float = 0.1, **kwargs) -> torch.Tensor:
     """Decoupled contrastive loss (Yeh et al. 2022): NT-Xent with the positives out of the denominator."""
-    _positive_number("temperature", temperature)
-    return contrastive_loss(z, alpha=1.0 / temperature, positive_in_denominator=False, **kwargs)
+    return contrastive_loss(z, **preset_options("decoupled", temperature=temperature), **kwargs)
 
 
 def balanced_contrastive_loss(
@@ -383,7 +455,7 @@ def balanced_contrastive_loss(
 ) -> torch.Tensor:
     """The loss derived from the supervised prototype objective: cross-view candidates, positive in,
     repulsion weighted ``lam / nu``, scaled by ``1/alpha``."""
-    return contrastive_loss(z, alpha=alpha, lam=lam, nu=nu, negatives="cross", scale="inverse_alpha", **kwargs)
+    return contrastive_loss(z, **preset_options("balanced", alpha=alpha, lam=lam, nu=nu), **kwargs)
 
 
 class _ViewsLoss(nn.Module):

@@ -1,13 +1,18 @@
-"""What is measured on which images: the full evaluation protocol and the floors a representation is read against.
+"""What is measured, on which images, under which keys: the one owner of protoclr's measurement protocols.
 
-    acc = evaluate_backbone(encoder.backbone, train, test, spec)   # {"knn_top1": ..., "linear_top1": ...}
-    floor = raw_pixel_floor(train, test)                             # the same protocol on centered pixels
-    init = random_init_floor(cfg, train, test, spec)                 # the run's encoder before any step
+    monitor = Monitor(cfg, train, test, spec)                 # the draws a run measures on, fixed for the run
+    monitor.measure(encoder, probe, dist=fabric)              # knn_top1, probe_top1, diag_* (during pretraining)
+    final_metrics(encoder, {"": fit_set}, test, spec, cfg)    # eval_knn_top1, eval_linear_top1 (after it)
+    evaluate_backbone(encoder.backbone, train, test, spec)    # the full protocol (demo, benchmarks)
+    raw_pixel_floor(train, test); random_init_floor(cfg, train, test, spec)
 
-The full protocol: backbone features of every training image (the kNN bank and the probe's training set) and
-every held-out image (scored), the deterministic evaluation crop of ``spec``; weighted kNN (Wu et al. 2018,
-k=200, T=0.1) and the cached linear probe (L-BFGS on standardized features, weight decay chosen on 10% of the
-training rows; :func:`protoclr.evaluate.linear_probe_cached`). Accuracies are fractions in [0, 1].
+Protocols: backbone features of the deterministic evaluation crop of ``spec``; weighted kNN (Wu et al. 2018,
+k=200, T=0.1); the cached linear probe (L-BFGS on standardized features, weight decay chosen on 10% of the fit
+set; :func:`protoclr.evaluate.linear_probe_cached`); the diagnostics of :mod:`protoclr.diagnostics` on a
+class-balanced held-out probe set with ``eval.diag_views`` augmentations per image. Which images: protoclr.splits
+(the kNN monitor's bank, the final probes' fit set, the scored held-out draw, the diagnostics' probe set).
+Accuracies are fractions in [0, 1]. The keys below are the ones epoch records, ``runs.db``, ``protoclr report``
+and ``protoclr diagnose`` use; a new metric is a new key here and the function that computes it.
 """
 
 from __future__ import annotations
@@ -18,18 +23,44 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from protoclr import splits
+from protoclr.diagnostics import bias_report, bound_terms, geometry, view_features
 from protoclr.evaluate import extract_features, knn_accuracy, linear_probe_cached
+from protoclr.losses import config_alpha
+from protoclr.models import build_encoder
 from protoclr.views import ViewSpec, eval_images
 
 KNN_K = 200  # neighbours (InstDisc, Wu et al. 2018)
 KNN_TEMPERATURE = 0.1  # weight exp(sim / T)
 
+# during pretraining (epoch records)
+KNN = "knn_top1"  # weighted kNN on the monitor's bank, scored on the held-out draw
+PROBE = "probe_top1"  # the online linear probe
+# after pretraining (a run's final metrics); a suffix names another fit set (e.g. "_pretrain_set")
+EVAL_KNN = "eval_knn_top1"
+EVAL_LINEAR = "eval_linear_top1"
+# diagnostics (protoclr.diagnostics), per epoch and in final metrics
+BIAS = "diag_bias_angle_deg"  # backbone, L2-normalized: the angle between mu~_x and mu_y
+BIAS_PROJ = "diag_bias_proj_angle_deg"
+ATTRACTION_SUP, ATTRACTION_SURROGATE, ATTRACTION_SSL = "diag_attraction_sup", "diag_attraction_surrogate", \
+    "diag_attraction_ssl"
+ATTRACTION_GAP = "diag_attraction_gap"  # self-supervised minus surrogate attraction (>= 0 where the bound holds)
+REPULSION_SUP, REPULSION_SSL = "diag_repulsion_sup", "diag_repulsion_ssl"
+REPULSION_GAP = "diag_repulsion_gap"  # self-supervised minus supervised repulsion at (alpha, nu) of the run
+VIOLATIONS = "diag_violations"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# features and scores
+
 
 def score_features(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor, *, num_classes: int,
-                   linear: bool = True) -> dict[str, float]:
-    """Weighted kNN and (if ``linear``) the cached linear probe: ``f_*`` (N, F) / (M, F), ``y_*`` (N,) / (M,)."""
-    out = {"knn_top1": knn_accuracy(f_train, y_train, f_test, y_test, num_classes=num_classes,
-                                    k=min(KNN_K, len(f_train)), temperature=KNN_TEMPERATURE)["top1"]}
+                   knn: bool = True, linear: bool = True) -> dict[str, float]:
+    """``{"knn_top1", "linear_top1"}`` (those asked for): ``f_*`` (N, F) / (M, F), ``y_*`` (N,) / (M,)."""
+    out = {}
+    if knn:
+        out["knn_top1"] = knn_accuracy(f_train, y_train, f_test, y_test, num_classes=num_classes,
+                                       k=min(KNN_K, len(f_train)), temperature=KNN_TEMPERATURE)["top1"]
     if linear:
         out["linear_top1"] = linear_probe_cached(f_train, y_train, f_test, y_test, num_classes=num_classes)["top1"]
     return out
@@ -37,29 +68,40 @@ def score_features(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Ten
 
 @torch.no_grad()
 def backbone_features(backbone: nn.Module, data: Any, spec: ViewSpec, *, batch_size: int = 1024,
-                      device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
-    """``(features (N, F) float32 on CPU, labels (N,))`` of every image of ``data`` (a ``LabeledImages``) in
-    evaluation mode; the module's train/eval mode is restored afterwards."""
+                      device: str | torch.device = "cpu", dist: Any = None) -> tuple[Tensor, Tensor]:
+    """``(features (N, F) float32 on CPU, labels (N,))`` of every image of ``data`` in evaluation mode (the module's
+    mode is restored). With ``dist`` (Fabric: ``world_size``, ``global_rank``, ``all_gather``) each process
+    extracts its shard and every process gets all the rows."""
     was_training = backbone.training
     backbone.eval()
     try:
-        f, y = extract_features(backbone, data, batch_size=batch_size, device=device,
-                                preprocess=lambda x: eval_images(x, spec))
+        W, r = (dist.world_size, dist.global_rank) if dist is not None else (1, 0)
+        n = -(-len(data) // W)
+        idx = torch.arange(r * n, min((r + 1) * n, len(data)))  # this process's shard
+        mine = data.subset(idx) if W > 1 else data
+        f, _ = extract_features(backbone, mine, batch_size=batch_size, device=device,
+                                preprocess=lambda x: eval_images(x, spec)) if len(idx) else (None, None)
+        if W > 1:
+            dim = backbone.num_features  # every backbone of protoclr.models states its feature width
+            f = torch.zeros(0, dim) if f is None else f
+            f = torch.cat([f, f.new_zeros(n - f.shape[0], dim)]).to(device)  # the same length on every rank
+            f = dist.all_gather(f).reshape(W * n, dim)[: len(data)].cpu()  # (W, n, F) -> (N, F)
     finally:
         backbone.train(was_training)
-    return f, y
+    return f, torch.as_tensor(data.labels).long()
 
 
-def evaluate_backbone(backbone: nn.Module, train: Any, test: Any, spec: ViewSpec, *, linear: bool = True,
-                      batch_size: int = 1024, device: str | torch.device = "cpu") -> dict[str, float]:
-    """The full protocol (module docstring) for ``backbone`` on ``train`` -> ``test``."""
+def evaluate_backbone(backbone: nn.Module, train: Any, test: Any, spec: ViewSpec, *, knn: bool = True,
+                      linear: bool = True, batch_size: int = 1024, device: str | torch.device = "cpu"
+                      ) -> dict[str, float]:
+    """The protocol (module docstring) for ``backbone``, fitted on every image of ``train``, scored on ``test``."""
     f_tr, y_tr = backbone_features(backbone, train, spec, batch_size=batch_size, device=device)
     f_te, y_te = backbone_features(backbone, test, spec, batch_size=batch_size, device=device)
-    return score_features(f_tr, y_tr, f_te, y_te, num_classes=len(test.classes), linear=linear)
+    return score_features(f_tr, y_tr, f_te, y_te, num_classes=len(test.classes), knn=knn, linear=linear)
 
 
 def raw_pixel_floor(train: Any, test: Any, *, linear: bool = True) -> dict[str, float]:
-    """The full protocol on raw pixels, centered by the training mean: the floor any representation must beat.
+    """The protocol on raw pixels, centered by the training mean: the floor any representation must beat.
     In-memory datasets only (their stored images, as uint8 -> float)."""
     x_tr = train.get_images(torch.arange(len(train))).flatten(1).float()  # (N, C*H*W)
     x_te = test.get_images(torch.arange(len(test))).flatten(1).float()
@@ -70,14 +112,151 @@ def raw_pixel_floor(train: Any, test: Any, *, linear: bool = True) -> dict[str, 
 
 def random_init_floor(cfg: Any, train: Any, test: Any, spec: ViewSpec, *, linear: bool = True,
                       device: str | torch.device = "cpu") -> dict[str, float]:
-    """The full protocol on the encoder of ``cfg`` as the run initializes it (seeded with ``train.seed``) before
-    any step: how much of an accuracy the architecture gives without training."""
-    from protoclr.models import build_encoder
-
+    """The protocol on the encoder of ``cfg`` as the run initializes it (seeded with ``train.seed``) before
+    any step: how much accuracy the architecture gives without training."""
     torch.manual_seed(cfg.train.seed)  # the loop seeds the same way right before it builds the encoder
     encoder = build_encoder(cfg.model, in_channels=spec.channels).to(device)
     return evaluate_backbone(encoder.backbone, train, test, spec, linear=linear, device=device)
 
 
-__all__ = ["KNN_K", "KNN_TEMPERATURE", "backbone_features", "evaluate_backbone", "random_init_floor",
-           "raw_pixel_floor", "score_features"]
+# ----------------------------------------------------------------------------------------------------------
+# diagnostics as metrics
+
+
+def headline(report: dict[str, Any], *, alpha: float, nu: float) -> dict[str, float]:
+    """The ``diag_*`` scalars kept from a :func:`protoclr.diagnostics.diagnose_features`-style report.
+
+    Bias (if present): :data:`BIAS` / ``diag_bias_cosine`` (backbone, normalized), ``diag_bias_euclidean``
+    (backbone, raw features), :data:`BIAS_PROJ`. Bounds (if present): the attraction terms, the repulsion terms at
+    (``alpha``, ``nu``) (which must be in the report), ``.._holds`` (share of anchors where the bound holds),
+    ``diag_repulsion_gap/alpha{A}_nu{V}`` and ``.._holds/..`` for every pair, the assumption quantities and
+    :data:`VIOLATIONS` (a count). Geometry: alignment, uniformity, effective rank, positive / negative
+    similarity, contrastive top-1.
+    """
+    out: dict[str, float] = {}
+    if "bias" in report:
+        bb, bp = report["bias"]["backbone"], report["bias"]["projector"]
+        out.update({BIAS: bb["normalized"]["angle_deg"], "diag_bias_cosine": bb["normalized"]["cosine"],
+                    "diag_bias_euclidean": bb["raw"]["euclidean"], BIAS_PROJ: bp["normalized"]["angle_deg"]})
+    if "bounds" in report:
+        b = report["bounds"]
+        key = f"alpha={alpha:g},nu={nu:g}"
+        if key not in b["repulsion"]:
+            raise ValueError(f"alpha={alpha:g}, nu={nu:g} is not in the report ({sorted(b['repulsion'])}); "
+                             "compute the bounds with that pair among alphas and nus.")
+        a, r, asm = b["attraction"], b["repulsion"][key], b["assumptions"]
+        out.update({ATTRACTION_SUP: a["supervised"], ATTRACTION_SURROGATE: a["surrogate"],
+                    ATTRACTION_SSL: a["self_supervised"], ATTRACTION_GAP: a["gap"],
+                    "diag_attraction_holds": a["holds_fraction"], REPULSION_SUP: r["supervised"],
+                    REPULSION_SSL: r["self_supervised"], REPULSION_GAP: r["gap"],
+                    "diag_repulsion_holds": r["holds_fraction"], "diag_bound_alpha": float(alpha),
+                    "diag_bound_nu": float(nu)})
+        for pair, rr in b["repulsion"].items():
+            a_, nu_ = (float(v.split("=")[1]) for v in pair.split(","))
+            out[f"{REPULSION_GAP}/alpha{a_:g}_nu{nu_:g}"] = rr["gap"]
+            out[f"diag_repulsion_holds/alpha{a_:g}_nu{nu_:g}"] = rr["holds_fraction"]
+        out.update({"diag_balance_ratio": asm["balance_ratio"], "diag_prototype_norm_min": asm["prototype_norm_min"],
+                    VIOLATIONS: float(len(b["violations"]))})
+    if "geometry" in report:
+        out.update({f"diag_{k}": float(v) for k, v in report["geometry"].items()})
+    return out
+
+
+def diagnostics_metrics(encoder: nn.Module, probe: Any, *, spec: ViewSpec, views: int = 4,
+                        alphas: tuple[float, ...] = (2.0,), nus: tuple[float, ...] = (1.0,), seed: int = 0,
+                        batch_size: int = 512, device: str | torch.device = "cpu") -> dict[str, float]:
+    """:func:`headline` keys of ``encoder`` on ``probe`` (a fixed labeled set, e.g. ``splits.balanced_draw``):
+    bias, bound terms at every (alpha, nu) of ``alphas`` x ``nus`` (the first pair gives the plain repulsion keys:
+    pass the loss's alpha first), and geometry, from ``views`` augmentations per image. The encoder is switched to
+    eval mode (frozen BatchNorm statistics) and back, no gradient, the global RNG untouched; view ``v`` of probe
+    image ``i`` depends only on ``(seed, i, v)``, so two calls on the same weights agree and a resumed run logs
+    what an uninterrupted one would. Cost: ``views * len(probe)`` encoder forwards (docs/evaluation.md)."""
+    if not isinstance(views, int) or views < 2:
+        raise ValueError(f"views must be an int >= 2 (the bounds pair an anchor with another view), got {views!r}.")
+    labels = torch.as_tensor(probe.labels).long()
+    C = len(probe.classes)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        feats = view_features(encoder, probe, views=views, recipe=spec, seed=seed, batch_size=batch_size,
+                              device=device)
+    finally:
+        encoder.train(was_training)
+    z = feats["projector"]
+    report = {"bias": bias_report(feats, labels, num_classes=C),
+              "bounds": bound_terms(z, labels, num_classes=C, alphas=tuple(alphas), nus=tuple(nus)),
+              "geometry": geometry(z)}
+    return headline(report, alpha=alphas[0], nu=nus[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# during and after pretraining
+
+
+class Monitor:
+    """The measurements of a run during pretraining, on images fixed for the run (protoclr.splits): weighted
+    kNN with the ``eval.train_images`` bank (seed + KNN_BANK) scored on the held-out draw of ``eval.test_images``,
+    the online probe's top-1 on the same draw, and with ``eval.diagnostics`` the ``diag_*`` keys on a
+    class-balanced held-out probe set of ``eval.diag_images``."""
+
+    def __init__(self, cfg: Any, train: Any, test: Any, spec: ViewSpec):
+        ev = cfg.eval
+        self.cfg, self.spec, self.every = cfg, spec, ev.every
+        self.bank = splits.draw(train, ev.train_images, seed=cfg.train.seed + splits.KNN_BANK)
+        self.scored = splits.held_out(test, ev.test_images)
+        self.diag_set = splits.balanced_draw(test, ev.diag_images, seed=splits.HELD_OUT) if ev.diagnostics else None
+        self.alpha = config_alpha(cfg.loss)
+
+    def due(self, epoch: int, *, last: bool) -> bool:
+        """Whether epoch ``epoch`` (0-based) is measured: every ``eval.every`` epochs and the last one."""
+        return bool(self.every) and ((epoch + 1) % self.every == 0 or last)
+
+    def measure(self, encoder: nn.Module, probe: nn.Module | None, *, dist: Any = None,
+                device: str | torch.device = "cpu") -> dict[str, float]:
+        """:data:`KNN`, :data:`PROBE` (with an online probe) and the diagnostics, on every rank (the extraction
+        is sharded; the diagnostics run on rank 0 only and the other ranks get none)."""
+        bs = self.cfg.eval.batch_size
+        f_bank, y_bank = backbone_features(encoder.backbone, self.bank, self.spec, batch_size=bs, device=device,
+                                           dist=dist)
+        f_te, y_te = backbone_features(encoder.backbone, self.scored, self.spec, batch_size=bs, device=device,
+                                       dist=dist)
+        out = {KNN: score_features(f_bank, y_bank, f_te, y_te, num_classes=len(self.scored.classes),
+                                   linear=False)["knn_top1"]}
+        if probe is not None:
+            with torch.no_grad():
+                w, b = probe.weight.detach().float().cpu(), probe.bias.detach().float().cpu()
+                out[PROBE] = ((f_te @ w.T + b).argmax(1) == y_te).float().mean().item()
+        if self.diag_set is not None and (dist is None or dist.global_rank == 0):
+            out.update(diagnostics_metrics(encoder, self.diag_set, spec=self.spec, views=self.cfg.eval.diag_views,
+                                           alphas=(self.alpha,), seed=self.cfg.train.seed, device=device))
+        return out
+
+
+def final_metrics(encoder: nn.Module, fit_sets: dict[str, Any], test: Any, spec: ViewSpec, cfg: Any, *,
+                  device: str | torch.device = "cpu") -> dict[str, float]:
+    """After pretraining: :data:`EVAL_KNN` and (``eval.linear``) :data:`EVAL_LINEAR` of the backbone, fitted on
+    each of ``fit_sets`` (key: the suffix of its metric names, "" for the headline set, e.g.
+    ``splits.probe_fit_set``) and scored on the held-out draw of ``eval.test_images``; ``eval_nonfinite_features``
+    instead when a diverged encoder gives non-finite features."""
+    scored = splits.held_out(test, cfg.eval.test_images)
+    bs = cfg.eval.batch_size
+    f_te, y_te = backbone_features(encoder.backbone, scored, spec, batch_size=bs, device=device)
+    out: dict[str, float] = {"eval_test_images": float(len(scored))}
+    fitted = {}
+    for suffix, data in fit_sets.items():
+        out[f"eval_train_images{suffix}"] = float(len(data))
+        fitted[suffix] = backbone_features(encoder.backbone, data, spec, batch_size=bs, device=device)
+    if not (torch.isfinite(f_te).all() and all(torch.isfinite(f).all() for f, _ in fitted.values())):
+        out["eval_nonfinite_features"] = 1.0  # a diverged encoder: no accuracy to report
+        return out
+    for suffix, (f_tr, y_tr) in fitted.items():
+        res = score_features(f_tr, y_tr, f_te, y_te, num_classes=len(test.classes), linear=cfg.eval.linear)
+        out[f"{EVAL_KNN}{suffix}"] = res["knn_top1"]
+        if "linear_top1" in res:
+            out[f"{EVAL_LINEAR}{suffix}"] = res["linear_top1"]
+    return out
+
+
+__all__ = ["ATTRACTION_GAP", "BIAS", "BIAS_PROJ", "EVAL_KNN", "EVAL_LINEAR", "KNN", "KNN_K", "KNN_TEMPERATURE", "PROBE",
+           "REPULSION_GAP", "VIOLATIONS", "Monitor", "backbone_features", "diagnostics_metrics", "evaluate_backbone",
+           "final_metrics", "headline", "random_init_floor", "raw_pixel_floor", "score_features"]

@@ -17,7 +17,6 @@ import base64
 import html
 import json
 import math
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,11 +24,23 @@ from pathlib import Path
 from typing import Any
 
 from protoclr import atomic
-from protoclr.errors import NotADatabase
-from protoclr.results import has_schema
+from protoclr.measure import (
+    ATTRACTION_GAP,
+    ATTRACTION_SSL,
+    ATTRACTION_SUP,
+    ATTRACTION_SURROGATE,
+    BIAS,
+    BIAS_PROJ,
+    EVAL_KNN,
+    EVAL_LINEAR,
+    KNN,
+    REPULSION_GAP,
+    REPULSION_SSL,
+    REPULSION_SUP,
+)
+from protoclr.runs import read_all
 
-ACC = "eval_linear_top1"
-BIAS = "diag_bias_angle_deg"
+ACC = EVAL_LINEAR
 RESULT_STATUSES = ("finished", "diverged")
 
 # The paper's results: top-1 linear accuracy (%), ResNet-50 on ImageNet for 100 epochs at batch 512 unless
@@ -118,34 +129,10 @@ def _fmt_value(v: Any) -> str:
 def load_groups(db_path: str | Path) -> tuple[list[Group], dict[str, int]]:
     """Groups of runs from ``runs.db`` and the count of runs per status. Runs outside any sweep form one
     group each (point = {})."""
-    db_path = Path(db_path)
-    if not db_path.is_file():
-        raise NotADatabase(f"{db_path} does not exist; pass the runs.db a sweep or pretraining wrote")
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    con.row_factory = sqlite3.Row
-    try:
-        try:
-            complete = has_schema(con)
-        except sqlite3.DatabaseError:
-            raise NotADatabase(f"{db_path} is not an SQLite database; pass the runs.db a sweep or pretraining "
-                               "wrote") from None
-        if not complete:
-            raise NotADatabase(f"{db_path} holds no protoclr tables (yet): pass the runs.db a sweep or pretraining "
-                               "wrote, or wait until the sweep creating it has started")
-        runs = [dict(r) for r in con.execute("SELECT * FROM runs ORDER BY created")]
-        # databases written before the sweep table joined the schema have none
-        has_sweeps = con.execute("SELECT 1 FROM sqlite_master WHERE name='sweep_runs'").fetchone() is not None
-        meta = {r["run_id"]: dict(r) for r in con.execute("SELECT * FROM sweep_runs")} if has_sweeps else {}
-        epochs: dict[str, list[dict[str, Any]]] = {}
-        for r in con.execute("SELECT run_id, epoch, metrics FROM epochs ORDER BY run_id, epoch"):
-            epochs.setdefault(r["run_id"], []).append({**json.loads(r["metrics"]), "epoch": r["epoch"]})
-    finally:
-        con.close()
+    runs, meta, epochs = read_all(db_path)
     groups: dict[tuple[str, str], Group] = {}
     counts: dict[str, int] = {}
     for r in runs:
-        r["config"] = json.loads(r["config"])
-        r["final_metrics"] = json.loads(r["final_metrics"]) if r["final_metrics"] else {}
         counts[r["status"]] = counts.get(r["status"], 0) + 1
         m = meta.get(r["run_id"])
         if m is None:
@@ -360,12 +347,12 @@ def bias_scatter(groups: list[Group], title: str) -> bytes:
 
 
 BOUND_PANELS = (
-    ("attraction", (("diag_attraction_sup", "supervised -s(z, mu_y)"),
-                    ("diag_attraction_surrogate", "surrogate -s(z, mu~_x)"),
-                    ("diag_attraction_ssl", "self-supervised -E s(z, z')"))),
-    ("attraction gap", (("diag_attraction_gap", "ssl - surrogate"),)),
-    ("repulsion", (("diag_repulsion_sup", "supervised max s(z, mu_y')"), ("diag_repulsion_ssl", "self-supervised"))),
-    ("repulsion gap", (("diag_repulsion_gap", "ssl - supervised"),)),
+    ("attraction", ((ATTRACTION_SUP, "supervised -s(z, mu_y)"),
+                    (ATTRACTION_SURROGATE, "surrogate -s(z, mu~_x)"),
+                    (ATTRACTION_SSL, "self-supervised -E s(z, z')"))),
+    ("attraction gap", ((ATTRACTION_GAP, "ssl - surrogate"),)),
+    ("repulsion", ((REPULSION_SUP, "supervised max s(z, mu_y')"), (REPULSION_SSL, "self-supervised"))),
+    ("repulsion gap", ((REPULSION_GAP, "ssl - supervised"),)),
 )
 
 
@@ -436,7 +423,7 @@ def _stat_row(g: Group) -> list[str]:
     status = f"{len(g.runs) - len(other)}/{len(g.runs)} done" + (f", {g.diverged} diverged" if g.diverged else "")
     if other:
         status += ", " + ", ".join(f"{other.count(s)} {s}" for s in sorted(set(other)))
-    return [g.sweep, g.label, fmt(g.values(ACC), scale=100), fmt(g.values("eval_knn_top1"), scale=100),
+    return [g.sweep, g.label, fmt(g.values(ACC), scale=100), fmt(g.values(EVAL_KNN), scale=100),
             fmt(g.values(BIAS)), status]
 
 
@@ -543,7 +530,7 @@ def section_class_balance(doc: Doc, groups: list[Group]) -> None:
     recorded, the same probes fitted on the profiled pretraining set (what an imbalanced probe adds)."""
     _bar_section(doc, groups, "class_balance", "Class balance", "")
     gs = [g for g in groups if g.study == "class_balance"]
-    if not any(g.values("eval_linear_top1_pretrain_set") for g in gs):
+    if not any(g.values(EVAL_LINEAR + "_pretrain_set") for g in gs):
         return
     doc.p("Linear and kNN top-1 above: probes fitted on a class-balanced draw of the training split before "
           "profiling, the same for both points (protoclr.sweep.probe_train_set). Below, the same probes fitted "
@@ -551,14 +538,14 @@ def section_class_balance(doc: Doc, groups: list[Group]) -> None:
     doc.table(["sweep", "point", "linear, balanced probe (%)", "linear, pretraining-set probe (%)",
                "kNN, balanced probe (%)", "kNN, pretraining-set probe (%)"],
               [[g.sweep, g.label, fmt(g.values(ACC), scale=100),
-                fmt(g.values("eval_linear_top1_pretrain_set"), scale=100),
-                fmt(g.values("eval_knn_top1"), scale=100), fmt(g.values("eval_knn_top1_pretrain_set"), scale=100)]
+                fmt(g.values(EVAL_LINEAR + "_pretrain_set"), scale=100),
+                fmt(g.values(EVAL_KNN), scale=100), fmt(g.values(EVAL_KNN + "_pretrain_set"), scale=100)]
                for g in gs])
 
 
 def section_bounds(doc: Doc, groups: list[Group]) -> None:
     doc.h(2, "Bound terms and gaps over training")
-    gs = [g for g in groups if any(any("diag_attraction_gap" in e for e in rows) for rows in g.epochs.values())]
+    gs = [g for g in groups if any(any(ATTRACTION_GAP in e for e in rows) for rows in g.epochs.values())]
     preferred = [g for g in gs if g.study == "bounds"]
     gs = preferred or gs[:6]
     if not gs:
@@ -572,7 +559,7 @@ def section_bounds(doc: Doc, groups: list[Group]) -> None:
     doc.image(name, curves(gs, BOUND_PANELS, "bound terms over epochs"), name)
     rows = []
     for g in gs:
-        for key in ("diag_attraction_gap", "diag_repulsion_gap"):
+        for key in (ATTRACTION_GAP, REPULSION_GAP):
             xs, ms, ss = _epoch_band(g, key)
             if xs:
                 last = f"{ms[-1]:.4f} ± {ss[-1]:.4f}"
@@ -591,7 +578,7 @@ def section_targets(doc: Doc, groups: list[Group]) -> None:
     doc.p("Bound gaps and bias at the end of training (final metrics; the attraction gap is the self-supervised "
           "attraction minus the surrogate one, the repulsion gap the self-supervised repulsion bound minus the "
           "supervised term): a better estimator of mu~_x should shrink the attraction gap and the bias.")
-    keys = ("diag_attraction_gap", "diag_repulsion_gap", "diag_bias_angle_deg", "diag_bias_proj_angle_deg")
+    keys = (ATTRACTION_GAP, REPULSION_GAP, BIAS, BIAS_PROJ)
     rows = [[g.sweep, g.label, *(fmt(g.values(k), digits=4 if "gap" in k else 2) for k in keys)] for g in gs]
     doc.table(["sweep", "point", "attraction gap", "repulsion gap", "bias backbone (deg)", "bias projector (deg)"],
               rows)
@@ -609,7 +596,7 @@ def section_training(doc: Doc, groups: list[Group]) -> None:
     for sweep, sub in _by(gs, lambda g: g.sweep).items():
         doc.h(3, sweep)
         name = f"training_{sweep}.png"
-        panels = (("loss", (("loss", "loss"),)), ("online kNN top-1", (("knn_top1", "kNN"),)))
+        panels = (("loss", (("loss", "loss"),)), ("online kNN top-1", ((KNN, "kNN"),)))
         doc.image(name, curves(sub[:10], panels, f"{sweep}: training loss and online kNN (mean ± std over seeds)"),
                   name)
         _provenance(doc, sub[:1])

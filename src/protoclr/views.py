@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from protoclr import data
+from protoclr.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -204,20 +207,20 @@ class TrainViews:
         return out
 
 
-def config_view_spec(data: Any) -> ViewSpec:
-    """The global view spec of a data config (``protoclr.config.DataConfig``): its preset, then its modifiers,
-    then its ``view_overrides``."""
-    return view_spec(data.views, list(data.view_modifiers), **parse_overrides(data.view_overrides))
+def config_view_spec(d: Any) -> ViewSpec:
+    """The global view spec of a data config ``d`` (``protoclr.config.DataConfig``): its preset, then its
+    modifiers, then its ``view_overrides``."""
+    return view_spec(d.views, list(d.view_modifiers), **parse_overrides(d.view_overrides))
 
 
-def train_views(data: Any) -> TrainViews:
-    """The :class:`TrainViews` of a data config (``protoclr.config.DataConfig``)."""
-    spec = config_view_spec(data)
+def train_views(d: Any) -> TrainViews:
+    """The :class:`TrainViews` of a data config ``d`` (``protoclr.config.DataConfig``)."""
+    spec = config_view_spec(d)
     local = None
-    if data.local_views:
-        local = replace(spec, size=int(data.local_size), crop_scale=tuple(float(x) for x in data.local_crop_scale))
-    return TrainViews(spec=spec, num_views=data.num_views, local=local, num_local=data.local_views,
-                      sizes=tuple(int(x) for x in data.view_sizes))
+    if d.local_views:
+        local = replace(spec, size=int(d.local_size), crop_scale=tuple(float(x) for x in d.local_crop_scale))
+    return TrainViews(spec=spec, num_views=d.num_views, local=local, num_local=d.local_views,
+                      sizes=tuple(int(x) for x in d.view_sizes))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -699,8 +702,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 def cli_main(argv: list[str]) -> int:
     """``protoclr views``: save a PNG grid of images and their augmented views."""
-    from protoclr import data
-    from protoclr.errors import UserError
 
     ap = argparse.ArgumentParser(prog="protoclr views", description=cli_main.__doc__)
     ap.add_argument("--dataset", required=True, help=f"one of {', '.join(data.DATASETS)}")

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from protoclr.results import ResultsDB
+from protoclr.runs import ResultsDB
 
 
 def test_round_trip_and_resume(tmp_path):
@@ -94,7 +94,7 @@ def test_schema_appears_all_at_once_to_another_process(tmp_path):
     import sys
     import time
 
-    from protoclr.results import TABLES
+    from protoclr.runs import TABLES
 
     assert len(TABLES) == 3
     n = 25

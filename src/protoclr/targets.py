@@ -1,0 +1,129 @@
+"""The target branch: which estimate of an image's surrogate prototype its anchors are pulled toward.
+
+    branch = TargetBranch(cfg.target, encoder, total_steps=T, dim=D, num_classes=C, supervised=False)
+    t = branch.side(z, x)                                     # (V, B, D) or None (z itself)
+    loss = contrastive_loss(z, target=t, **branch.loss_options(), **config_options(cfg.loss))
+    ...optimizer step...
+    branch.after_step(encoder, z, t, step=k)                  # EMA update, queue
+
+Names (docs/training.md, "The target branch"): ``shared`` (SimCLR: one encoder, gradient through both sides),
+``stop_gradient`` (the target side detached), ``momentum`` (an EMA copy of backbone and projector, cosine
+momentum schedule, updated by the loop after each step: BYOL, Grill et al. 2020; MoCo v3), ``multi_view_mean``
+(each anchor pulled toward the mean of its image's other views: the loss's ``positive="mean"``). A queue of past
+targets (MoCo) adds negatives to any of them. The supervised objective's class-prototype bank is loop state of
+the same kind and lives here too (``bank``); the loop updates it where a reader sees it.
+
+Everything the branch carries across steps (the EMA encoder, the queue, the bank) is in :meth:`state_dict`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from protoclr.distributed import all_gather_no_grad
+from protoclr.losses import PrototypeBank
+
+
+def momentum_schedule(*, start: float, total_steps: int) -> torch.Tensor:
+    """(total_steps,) float64: ``m_k = 1 - (1 - start) * (cos(pi k / K) + 1) / 2``, from ``start`` toward 1
+    (BYOL, Grill et al. 2020, section 3.2; MoCo v3). ``m_k`` is used for the update after optimizer step k."""
+    k = torch.arange(total_steps, dtype=torch.float64)
+    return 1 - (1 - start) * (torch.cos(math.pi * k / total_steps) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, *, momentum: float) -> None:
+    """``p_target <- momentum * p_target + (1 - momentum) * p_online`` for every parameter (in place).
+
+    Buffers (BatchNorm running statistics) are not averaged: the target encoder keeps its own, updated by its
+    forward passes in train mode, as MoCo's key encoder does.
+    """
+    for pt, po in zip(target.parameters(), online.parameters(), strict=True):
+        pt.mul_(momentum).add_(po.detach(), alpha=1 - momentum)
+
+
+def enqueue(queue: torch.Tensor, rows: torch.Tensor, *, size: int) -> torch.Tensor:
+    """FIFO queue ``(<= size, D)``, oldest row first: ``rows`` (N, D) enter at the end, the oldest leave."""
+    return torch.cat([queue, rows.detach().to(queue.dtype)])[-size:]
+
+
+class TargetBranch:
+    """The loop's target state: an EMA encoder (``momentum``), a FIFO queue of past targets, the supervised
+    objective's prototype bank; each present only when the config asks for it."""
+
+    def __init__(self, cfg: Any, encoder: nn.Module, *, total_steps: int, dim: int, num_classes: int = 0,
+                 supervised: bool = False, prototype_momentum: float = 0.9):
+        self.name = cfg.name
+        self.encoder = copy.deepcopy(encoder).requires_grad_(False) if cfg.name == "momentum" else None
+        self.momentums = momentum_schedule(start=cfg.momentum_start, total_steps=total_steps)  # indexed by step
+        self.queue_size = cfg.queue_size
+        self.queue = torch.zeros(0, dim) if cfg.queue_size else None  # (<= queue_size, D), oldest row first
+        self.bank = PrototypeBank(num_classes, dim, momentum=prototype_momentum) if supervised else None
+
+    def side(self, z: torch.Tensor, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | None:
+        """The loss's target (V, Bl, D) for anchors ``z`` (V, Bl, D) made from views ``x``: ``None`` (z itself,
+        gradient through both sides) for shared and multi_view_mean, ``z.detach()`` for stop_gradient, the EMA
+        encoder's projections of the same views (no graph) for momentum."""
+        if self.name == "stop_gradient":
+            return z.detach()
+        if self.encoder is not None:
+            with torch.no_grad():
+                return self.encoder(x)[1].view_as(z)  # (V*Bl, D) -> (V, Bl, D)
+        return None
+
+    def loss_options(self) -> dict[str, Any]:
+        """The branch's keyword arguments of :func:`protoclr.losses.contrastive_loss`: the attraction form and
+        the queue (None while empty)."""
+        queue = self.queue if self.queue is not None and len(self.queue) else None
+        return {"positive": "mean" if self.name == "multi_view_mean" else "pairs", "queue": queue}
+
+    @torch.no_grad()
+    def after_step(self, online: nn.Module, z: torch.Tensor, target: torch.Tensor | None, *, step: int) -> None:
+        """After optimizer step ``step``: the EMA update with ``m_step``; this step's targets (every rank's, in
+        global batch order) enter the queue."""
+        if self.encoder is not None:
+            ema_update(self.encoder, online, momentum=float(self.momentums[step]))
+        if self.queue is not None:
+            rows = (z if target is None else target).detach().transpose(0, 1)  # (Bl, V, D)
+            rows = all_gather_no_grad(rows).transpose(0, 1).flatten(0, 1)  # (B, V, D) -> (V*B, D)
+            self.queue = enqueue(self.queue, rows, size=self.queue_size)
+
+    def modules(self) -> list[nn.Module]:
+        """Modules whose buffers a step changes besides the online encoder (restored when a step is skipped)."""
+        return [m for m in (self.encoder, self.bank) if m is not None]
+
+    def to(self, device: torch.device | str, *, channels_last: bool = False) -> TargetBranch:
+        if self.encoder is not None:
+            self.encoder = self.encoder.to(device)
+            if channels_last:
+                self.encoder = self.encoder.to(memory_format=torch.channels_last)
+        if self.queue is not None:
+            self.queue = self.queue.to(device)
+        if self.bank is not None:
+            self.bank = self.bank.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"encoder": self.encoder.state_dict() if self.encoder is not None else None,
+                "queue": self.queue.cpu() if self.queue is not None else None,
+                "bank": self.bank.state_dict() if self.bank is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, have in (("encoder", self.encoder), ("queue", self.queue), ("bank", self.bank)):
+            if (have is None) != (state.get(key) is None):
+                raise ValueError(f"the checkpoint's target state has {key} {'absent' if have is not None else 'set'}"
+                                 f" but this config {'needs' if have is not None else 'has no'} one")
+        if self.encoder is not None:
+            self.encoder.load_state_dict(state["encoder"])
+        if self.queue is not None:
+            self.queue = state["queue"].to(self.queue.device)
+        if self.bank is not None:
+            self.bank.load_state_dict(state["bank"])
+
+
+__all__ = ["TargetBranch", "ema_update", "enqueue", "momentum_schedule"]

@@ -1,0 +1,70 @@
+"""The shape of the package: no import cycles, no package-internal imports hidden in functions, the loop short
+enough to read top to bottom, torch.distributed touched by one module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "protoclr"
+MODULES = sorted(p.stem for p in SRC.glob("*.py") if p.stem != "__init__")
+
+
+def _internal(node: ast.AST) -> list[str]:
+    """The protoclr modules an import statement names."""
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "protoclr":
+        parts = node.module.split(".")
+        return [parts[1]] if len(parts) > 1 else [a.name for a in node.names]
+    if isinstance(node, ast.Import):
+        return [a.name.split(".")[1] for a in node.names if a.name.startswith("protoclr.")]
+    return []
+
+
+def _top_level_imports(tree: ast.Module) -> set[str]:
+    out: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue  # annotations only, never executed
+        out.update(_internal(node))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: _top_level_imports(ast.parse((SRC / f"{m}.py").read_text())) & set(MODULES) for m in MODULES}
+
+
+def test_no_import_cycle():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                cycles.append(path[path.index(d):] + [d])
+            elif d not in state:
+                visit(d, [*path, d])
+        state[m] = "done"
+
+    for m in MODULES:
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, f"import cycles: {cycles}"
+    assert "train" in graph["sweep"] and "sweep" not in graph["train"]  # the graph is read, not empty
+
+
+def test_no_package_import_inside_a_function():
+    hidden = []
+    for m in MODULES:
+        tree = ast.parse((SRC / f"{m}.py").read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                hidden += [f"{m}.{fn.name} imports {d}" for node in ast.walk(fn) for d in _internal(node)]
+    assert not hidden, hidden
+
+
+def test_pretrain_fits_on_a_page_and_one_module_touches_torch_distributed():
+    tree = ast.parse((SRC / "train.py").read_text())
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "pretrain"]
+    assert fn.end_lineno - fn.lineno + 1 <= 160
+    users = [m for m in MODULES if "torch.distributed" in (SRC / f"{m}.py").read_text()]
+    assert users == ["distributed"], users
