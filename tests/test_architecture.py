@@ -40,7 +40,7 @@ def test_no_import_cycle():
         state[m] = "open"
         for d in sorted(graph[m]):
             if state.get(d) == "open":
-                cycles.append(path[path.index(d):] + [d])
+                cycles.append([*path[path.index(d):], d])
             elif d not in state:
                 visit(d, [*path, d])
         state[m] = "done"

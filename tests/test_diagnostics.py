@@ -117,11 +117,13 @@ def _terms_reference(feats, labels, *, num_classes, alpha, nu):
     k, n, _ = f.shape
     cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
     mu = torch.stack([f[:, labels == c].mean(dim=(0, 1)) for c in range(num_classes)])
-    out = {key: torch.zeros(k, n, dtype=torch.float64) for key in ("surrogate", "ssl_attr", "sup_rep", "ssl_rep")}
+    keys = ("sup_attr", "surrogate", "ssl_attr", "sup_rep", "ssl_rep")
+    out = {key: torch.zeros(k, n, dtype=torch.float64) for key in keys}
     for v in range(k):
         for i in range(n):
             z = f[v, i]
             others = [u for u in range(k) if u != v]
+            out["sup_attr"][v, i] = -cos(z, mu[int(labels[i])])
             out["ssl_attr"][v, i] = -sum(cos(z, f[u, i]) for u in others) / len(others)
             out["surrogate"][v, i] = -cos(z, sum(f[u, i] for u in others) / len(others))
             out["sup_rep"][v, i] = max(cos(z, mu[c]) for c in range(num_classes) if c != int(labels[i]))
@@ -136,10 +138,35 @@ def test_bound_terms_match_float64_reference():
     labels = torch.arange(9) % 3
     got = dg.bound_terms_per_anchor(feats, labels, num_classes=3, alpha=2.0, nu=0.5, chunk_size=4)
     want = _terms_reference(feats, labels, num_classes=3, alpha=2.0, nu=0.5)
+    torch.testing.assert_close(got["sup_attraction"].double(), want["sup_attr"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["surrogate_attraction"].double(), want["surrogate"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["ssl_attraction"].double(), want["ssl_attr"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["sup_repulsion"].double(), want["sup_rep"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["ssl_repulsion"].double(), want["ssl_rep"], rtol=1e-5, atol=1e-5)
+
+
+def test_bound_means_and_bias_gap_match_float64_reference():
+    """The aggregated report: every mean, the gaps and the bias gap (supervised minus surrogate attraction) are
+    the float64 loop's averages; nu rescales only the self-supervised repulsion."""
+    g = torch.Generator().manual_seed(5)
+    feats = torch.nn.functional.normalize(torch.randn(3, 12, 4, generator=g), dim=-1)
+    labels = torch.arange(12) % 4
+    rep = dg.bound_terms(feats, labels, num_classes=4, alphas=(2.0, 7.0), nus=(1.0, 0.5))
+    for alpha in (2.0, 7.0):
+        want = _terms_reference(feats, labels, num_classes=4, alpha=alpha, nu=1.0)
+        for nu in (1.0, 0.5):
+            r = rep["repulsion"][f"alpha={alpha:g},nu={nu:g}"]
+            ssl = want["ssl_rep"] / nu
+            assert r["supervised"] == pytest.approx(want["sup_rep"].mean().item(), abs=1e-6)
+            assert r["self_supervised"] == pytest.approx(ssl.mean().item(), abs=1e-6)
+            assert r["gap"] == pytest.approx((ssl - want["sup_rep"]).mean().item(), abs=1e-6)
+            assert r["gap_min"] == pytest.approx((ssl - want["sup_rep"]).min().item(), abs=1e-6)
+    a = rep["attraction"]
+    assert a["supervised"] == pytest.approx(want["sup_attr"].mean().item(), abs=1e-6)
+    assert a["surrogate"] == pytest.approx(want["surrogate"].mean().item(), abs=1e-6)
+    assert a["self_supervised"] == pytest.approx(want["ssl_attr"].mean().item(), abs=1e-6)
+    assert a["gap"] == pytest.approx((want["ssl_attr"] - want["surrogate"]).mean().item(), abs=1e-6)
+    assert a["bias_gap"] == pytest.approx((want["sup_attr"] - want["surrogate"]).mean().item(), abs=1e-6)
 
 
 def _clustered(g, *, n_per_class, num_classes, k, d, spread, shift=0.0):

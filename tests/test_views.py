@@ -575,3 +575,58 @@ def test_train_views_from_a_config_local_views_and_progressive_sizes():
         load_config(None, ["data.view_overrides=[crop=1]"])
     with pytest.raises(ValueError, match=r"data\.views: unknown view preset 'simclr_tiny'"):
         load_config(None, ["data.views=simclr_tiny"])
+
+
+def _framed_folder(tmp_path: Path) -> Path:
+    """Wide images (40 x 120) with red left and right bands 12 px wide and a gray middle, two classes, in files of
+    differing sizes (so the dataset is file-backed)."""
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir(parents=True)
+        for i in range(3):
+            arr = np.full((40, 120 + 2 * i, 3), 128, np.uint8)
+            arr[:, :12] = arr[:, -12:] = (255, 0, 0)
+            Image.fromarray(arr).save(tmp_path / c / f"{i}.png")
+    return tmp_path
+
+
+def test_training_crops_reach_the_image_borders(tmp_path):
+    """Crops of the whole image (scale 1, the image's own aspect ratio) keep its red borders; the old path, the
+    256-pixel center crop of the shorter side, cut them away."""
+    from protoclr.views import crop_views
+
+    ds = load_dataset("image_folder", root=_framed_folder(tmp_path), use_cache=False)
+    assert not ds.in_memory
+    spec = view_spec("simclr", size=16, crop_scale=(1.0, 1.0), crop_ratio=(3.0, 3.1))
+    crops = crop_views(ds, [0, 3], spec, num_views=2, seed=0, epoch=0)  # (V, B, C, s, s)
+    assert crops.shape == (2, 2, 3, 16, 16)
+    for edge in (crops[..., 0], crops[..., -1]):  # (V, B, C, s): the first and last columns
+        assert bool((edge[:, :, 0] > 200).all() and (edge[:, :, 1] < 60).all())  # red
+    assert bool((crops[..., 8][:, :, 1] > 100).all())  # the gray middle
+    center = ds.get_images(torch.tensor([0]))  # shorter side to 256, center crop: the bands are gone
+    assert not bool((center[0, 0, :, 0] > 200).any() and (center[0, 1, :, 0] < 60).any())
+
+
+def test_file_backed_training_uses_whole_image_crops(tmp_path, monkeypatch):
+    """The loop crops a file-backed dataset's views from the full images (crop_views, via EpochBatches) and refuses
+    local views there with a message naming the keys."""
+    import protoclr.splits as S
+    from protoclr.config import ConfigError, load_config
+    from protoclr.train import pretrain
+
+    root = _framed_folder(tmp_path / "data")
+    seen = []
+    real = S.crop_views
+
+    def spy(dataset, indices, spec, **kw):
+        seen.append((len(indices), spec.size, kw["num_views"]))
+        return real(dataset, indices, spec, **kw)
+
+    monkeypatch.setattr(S, "crop_views", spy)
+    base = ["data.dataset=image_folder", f"data.root={root}", "data.test_split=train", "data.views=simclr_cifar",
+            "train.batch_size=3", "train.steps=2", "eval.every=0", "trainer.progress=false", "trainer.loggers=[]",
+            "model.convnet_widths=8,16", "model.projector_hidden_dim=16", "model.projector_dim=8",
+            f"train.out_dir={tmp_path / 'runs'}", "trainer.precision=32-true"]
+    pretrain(load_config(None, base))
+    assert seen == [(3, 32, 2), (3, 32, 2)]
+    with pytest.raises(ConfigError, match=r"data\.local_views / data\.view_sizes need an in-memory dataset"):
+        pretrain(load_config(None, [*base, "data.local_views=2", "train.run_name=local"]))

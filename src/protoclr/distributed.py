@@ -95,15 +95,6 @@ def all_gather_no_grad(x: torch.Tensor, ctx: DistContext | None = None) -> torch
         return _gather_padded(x.detach(), _gather_sizes(x.shape[0], x.device))
 
 
-def all_reduce_sum(x: torch.Tensor, ctx: DistContext | None = None) -> torch.Tensor:
-    """Sum of ``x`` over ranks (a copy; ``x`` itself is untouched)."""
-    ctx = ctx or current_context()
-    out = x.detach().clone()
-    if ctx.is_distributed:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
-
-
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from protoclr.data import LabeledImages, load_dataset
-from protoclr.views import config_view_spec
+from protoclr.views import config_view_spec, crop_views
 
 # Offsets added to train.seed (their values keep earlier runs' draws).
 TRAIN_SUBSET = 0
@@ -250,13 +250,15 @@ def load_data(cfg: Any, *, fake: bool = False, class_profile: bool = True) -> tu
 class EpochBatches(torch.utils.data.Dataset):
     """Item ``k``: this rank's slice of global batch ``start + k`` of an epoch's order, decoded.
 
-    Returns ``(indices (Bl,), images (Bl, C, H, W) uint8, labels (Bl,))``. Wrapped in a DataLoader with
-    ``batch_size=None`` so file-backed datasets decode ahead in ``data.num_workers`` processes.
+    Returns ``(indices (Bl,), images, labels (Bl,))``: images ``(Bl, C, H, W)`` uint8, or with ``crops=(spec,
+    V, seed, epoch)`` (file-backed datasets) the global views' random resized crops of the full images, ``(V, Bl,
+    C, s, s)`` uint8 (protoclr.views.crop_views). Wrapped in a DataLoader with ``batch_size=None`` so that the
+    decoding and cropping run ahead in ``data.num_workers`` processes.
     """
 
     def __init__(self, data: Any, order: torch.Tensor, *, batch_size: int, rank: int, world_size: int, start: int,
-                 stop: int | None = None):
-        self.data, self.order, self.start = data, order, start
+                 stop: int | None = None, crops: tuple[Any, int, int, int] | None = None):
+        self.data, self.order, self.start, self.crops = data, order, start, crops
         self.B, self.Bl, self.rank = batch_size, batch_size // world_size, rank
         self.stop = len(order) // batch_size if stop is None else stop  # the incomplete last batch is dropped
 
@@ -266,15 +268,22 @@ class EpochBatches(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         s = self.start + k
         idx = self.order[s * self.B : (s + 1) * self.B][self.rank * self.Bl : (self.rank + 1) * self.Bl]  # (Bl,)
-        return idx, self.data.get_images(idx), self.data.labels[idx]
+        if self.crops is None:
+            return idx, self.data.get_images(idx), self.data.labels[idx]
+        spec, num_views, seed, epoch = self.crops
+        return idx, crop_views(self.data, idx.tolist(), spec, num_views=num_views, seed=seed, epoch=epoch), \
+            self.data.labels[idx]
 
 
 def epoch_batches(data: Any, *, seed: int, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                  start: int = 0, stop: int | None = None, num_workers: int = 0, pin_memory: bool = False):
+                  start: int = 0, stop: int | None = None, num_workers: int = 0, pin_memory: bool = False,
+                  crops: tuple[Any, int] | None = None):
     """A DataLoader over :class:`EpochBatches` of ``epoch``'s order: this rank's slices of global batches
-    ``start .. stop - 1``, decoded ahead in ``num_workers`` processes."""
+    ``start .. stop - 1``, decoded ahead in ``num_workers`` processes; ``crops=(spec, V)`` crops the global views
+    from the full images there (file-backed datasets)."""
     batches = EpochBatches(data, epoch_order(len(data), seed=seed, epoch=epoch), batch_size=batch_size, rank=rank,
-                           world_size=world_size, start=start, stop=stop)
+                           world_size=world_size, start=start, stop=stop,
+                           crops=(*crops, seed, epoch) if crops is not None else None)
     return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
 
 

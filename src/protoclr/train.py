@@ -119,10 +119,12 @@ def cpu_has_bf16() -> bool:
 
 def setup_fabric(cfg: Config, run_dir: Path | None):
     """``(fabric, on_gpu)``: Lightning Fabric for ``cfg.trainer`` (``precision=auto`` resolved here), with the
-    TensorBoard / CSV loggers of ``trainer.loggers`` writing into ``run_dir``."""
+    TensorBoard / CSV loggers of ``trainer.loggers`` writing into ``run_dir``; ``trainer.num_threads`` applied."""
     from lightning.fabric import Fabric
 
     t = cfg.trainer
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
     accelerator = t.accelerator
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,6 +176,16 @@ def _likely_cause(cfg: Config) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # the loop
+
+
+def _file_backed_crops(cfg: Config, tv: Any) -> tuple[Any, int]:
+    """``(spec, V)``: a file-backed dataset's global views are cropped from the full images in DataLoader workers
+    (protoclr.views.crop_views); local views and progressive resizing need the images in memory."""
+    if tv.num_local or tv.sizes:
+        raise ConfigError(f"data.local_views / data.view_sizes need an in-memory dataset; {cfg.data.dataset} is "
+                          "decoded from files batch by batch (its views are cut from the full images in DataLoader "
+                          "workers): set data.local_views=0 and data.view_sizes=[]")
+    return tv.spec, tv.num_views
 
 
 def _launch(cfg: Config, *, dry_run: bool) -> tuple[Config, Any, bool, Path]:
@@ -311,8 +323,7 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     steps_per_epoch, total_steps, num_epochs, lrs = schedule(cfg, len(train))
     tv = train_views(cfg.data)  # global views (resized over training by data.view_sizes) and local views
     Vt = tv.num_views + tv.num_local  # views per image in the loss
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
+    crops = None if getattr(train, "in_memory", True) else _file_backed_crops(cfg, tv)
     learner = Learner(cfg, in_channels=spec.channels, num_classes=len(train.classes), total_steps=total_steps,
                       lr=float(lrs[0]), sync_batchnorm=on_gpu and W > 1 and cfg.trainer.sync_batchnorm)
     pos = Position(state)
@@ -363,7 +374,7 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
                 for idx, images, labels in splits.epoch_batches(train, seed=tc.seed, epoch=pos.epoch, batch_size=B,
                                                                 rank=rank, world_size=W, start=pos.step_in_epoch,
                                                                 stop=stop, num_workers=cfg.data.num_workers,
-                                                                pin_memory=on_gpu):
+                                                                pin_memory=on_gpu, crops=crops):
                     if pos.step >= max_steps:
                         break
                     images = images.to(fabric.device, non_blocking=True)  # (Bl, C, H, W) uint8

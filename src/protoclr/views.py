@@ -195,7 +195,8 @@ class TrainViews:
     def make(self, images: Tensor, *, seed: int, epoch: int, indices: Tensor, step: int = 0,
              total_steps: int = 1) -> list[Tensor]:
         """``[(V*B, C, s, s)]`` or, with local views, ``[(V*B, C, s, s), (L*B, C, sl, sl)]``, view-major (row
-        ``v * B + b``); local views are numbered after the global ones, so they draw parameters of their own."""
+        ``v * B + b``); local views are numbered after the global ones, so they draw parameters of their own.
+        ``images``: ``(B, C, H, W)``, or the global views' crops ``(V, B, C, s, s)`` of :func:`crop_views`."""
         g = make_views(images, self.spec_at(step, total_steps), num_views=self.num_views, seed=seed, epoch=epoch,
                        indices=indices)
         out = [g.flatten(0, 1)]  # (V, B, C, s, s) -> (V*B, C, s, s)
@@ -611,15 +612,37 @@ def denormalize(x: Tensor, spec: ViewSpec) -> Tensor:
 # large images: crop + resize per image in DataLoader workers
 
 
+def crop_views(dataset: Any, indices: Sequence[int], spec: ViewSpec, *, num_views: int, seed: int,
+               epoch: int) -> Tensor:
+    """``(V, B, C, s, s)`` uint8: the random resized crops of :func:`make_views` (the same boxes: one draw per
+    ``(seed, epoch, index, view)``), cut from each image at its native size and resized with antialiasing, for
+    datasets too large to batch uncropped (file-backed ``LabeledImages``). ``make_views`` then applies the rest
+    of the pipeline to them batched. The crops reach every part of the image, its borders included."""
+    import torchvision.transforms.v2.functional as TF
+
+    s, out = spec.size, []
+    for i in indices:
+        img = match_channels(dataset.load_image(int(i))[None], spec.channels)[0]  # (C, H, W) uint8, native size
+        H, W = img.shape[-2:]
+        u = uniforms(seed=seed, epoch=epoch, indices=torch.tensor([int(i)]), num_views=num_views)
+        crops = []
+        for x0, y0, w, h in crop_boxes(u, spec, H, W)[:, 0].tolist():  # (V, 4)
+            top, left = round(y0), round(x0)
+            hh, ww = max(1, min(round(h), H - top)), max(1, min(round(w), W - left))
+            crops.append(TF.resized_crop(img, top, left, hh, ww, [s, s], antialias=True))
+        out.append(torch.stack(crops))  # (V, C, s, s)
+    return torch.stack(out, 1)  # (V, B, C, s, s)
+
+
 class CropViews(torch.utils.data.Dataset):
-    """``dataset[i] -> (i, crops (V, C, s, s) uint8)``: the random resized crops of ``make_views``, cut from the
-    native-size image in a DataLoader worker (antialiased resize), for datasets too large to batch uncropped.
+    """``dataset[i] -> (i, crops (V, C, s, s) uint8)``: :func:`crop_views` of one image, for a DataLoader.
 
         loader = DataLoader(CropViews(train, spec, num_views=2, seed=0, epoch=e), batch_size=256, num_workers=8)
         for idx, crops in loader:                                   # crops: (B, V, C, s, s)
             x = make_views(crops.transpose(0, 1).to(dev), spec, num_views=2, seed=0, epoch=e, indices=idx)
 
-    Build a new loader each epoch (or call ``set_epoch`` before workers start): the epoch is part of the seed.
+    The training loop uses :func:`crop_views` on whole batches (protoclr.splits.EpochBatches). Build a new loader
+    each epoch (or call ``set_epoch`` before workers start): the epoch is part of the seed.
     """
 
     def __init__(self, dataset: Any, spec: ViewSpec, *, num_views: int, seed: int, epoch: int = 0) -> None:
@@ -632,19 +655,8 @@ class CropViews(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple[int, Tensor]:
-        import torchvision.transforms.v2.functional as TF
-
-        img = self.dataset.load_image(int(i))  # (C, H, W) uint8, native size
-        H, W = img.shape[-2:]
-        u = uniforms(seed=self.seed, epoch=self.epoch, indices=torch.tensor([int(i)]), num_views=self.num_views)
-        boxes = crop_boxes(u, self.spec, H, W)[:, 0]  # (V, 4)
-        s = self.spec.size
-        crops = []
-        for x0, y0, w, h in boxes.tolist():
-            top, left = round(y0), round(x0)
-            hh, ww = max(1, min(round(h), H - top)), max(1, min(round(w), W - left))
-            crops.append(TF.resized_crop(img, top, left, hh, ww, [s, s], antialias=True))
-        return int(i), torch.stack(crops)
+        crops = crop_views(self.dataset, [i], self.spec, num_views=self.num_views, seed=self.seed, epoch=self.epoch)
+        return int(i), crops[:, 0]
 
 
 # --------------------------------------------------------------------------------------------------------
