@@ -10,20 +10,18 @@ import torch
 from protoclr import diagnostics as dg
 
 
-def _bias_reference(feats, labels, *, num_classes, normalize):
-    """Loops over images in float64: mean of K views, class mean of those, three distances."""
+def _bias_reference(feats, labels, *, num_classes, normalize, leave_one_out=True):
+    """Loops over images in float64: mean of K views, class mean of those (without the image itself for
+    leave-one-out), three distances."""
     f = feats.double()
     if normalize:
         f = f / f.norm(dim=-1, keepdim=True)
     k, n, _ = f.shape
     mu_x = [sum(f[v, i] for v in range(k)) / k for i in range(n)]
-    mu_y = {}
-    for c in range(num_classes):
-        members = [i for i in range(n) if int(labels[i]) == c]
-        mu_y[c] = sum(f[v, i] for i in members for v in range(k)) / (k * len(members))
     eu, co, an = [], [], []
     for i in range(n):
-        a, b = mu_x[i], mu_y[int(labels[i])]
+        members = [j for j in range(n) if int(labels[j]) == int(labels[i]) and (j != i or not leave_one_out)]
+        a, b = mu_x[i], sum(f[v, j] for j in members for v in range(k)) / (k * len(members))
         eu.append(float((a - b).norm()))
         c = float(a @ b / (a.norm() * b.norm()))
         co.append(1 - c)
@@ -32,23 +30,32 @@ def _bias_reference(feats, labels, *, num_classes, normalize):
 
 
 def test_bias_hand_computed_value():
-    # one class, two images, one view each, in 2-D: mu_y = (0.5, 0.5)
+    # one class, two images, one view each, in 2-D: with the image itself mu_y = (0.5, 0.5) (45 degrees away);
+    # leave-one-out, each image's prototype is the other image (90 degrees away)
     feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (K=1, N=2, D=2)
-    out = dg.bias_from_features(feats, torch.tensor([0, 0]), num_classes=1, normalize=False)
+    out = dg.bias_from_features(feats, torch.tensor([0, 0]), num_classes=1, normalize=False, leave_one_out=False)
     assert out["euclidean"] == pytest.approx(math.sqrt(0.5))
     assert out["cosine"] == pytest.approx(1 - math.sqrt(0.5))
     assert out["angle_deg"] == pytest.approx(45.0)
     assert out["per_class"]["angle_deg"].tolist() == pytest.approx([45.0])
+    loo = dg.bias_from_features(feats, torch.tensor([0, 0]), num_classes=1, normalize=False)
+    assert loo["euclidean"] == pytest.approx(math.sqrt(2)) and loo["angle_deg"] == pytest.approx(90.0)
+    with pytest.raises(ValueError, match="at least 2 images per class"):
+        dg.bias_from_features(feats, torch.tensor([0, 1]), num_classes=2)
 
 
+@pytest.mark.parametrize("leave_one_out", [True, False])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_bias_matches_float64_reference(normalize):
+def test_bias_matches_float64_reference(normalize, leave_one_out):
     g = torch.Generator().manual_seed(0)
     feats, labels = torch.randn(3, 12, 5, generator=g), torch.arange(12) % 4
-    got = dg.bias_from_features(feats, labels, num_classes=4, normalize=normalize)
-    want = _bias_reference(feats, labels, num_classes=4, normalize=normalize)
+    got = dg.bias_from_features(feats, labels, num_classes=4, normalize=normalize, leave_one_out=leave_one_out)
+    want = _bias_reference(feats, labels, num_classes=4, normalize=normalize, leave_one_out=leave_one_out)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-4)
+    if leave_one_out:  # 3 images per class: the image's own share shrinks every distance by exactly 2/3
+        inc = dg.bias_from_features(feats, labels, num_classes=4, normalize=normalize, leave_one_out=False)
+        assert inc["euclidean"] == pytest.approx(got["euclidean"] * 2 / 3, rel=1e-6)
     # per-class values average to the overall value on a balanced set
     assert got["per_class"]["euclidean"].mean().item() == pytest.approx(got["euclidean"], rel=1e-5)
 

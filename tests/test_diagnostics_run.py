@@ -126,7 +126,14 @@ def test_track_is_deterministic_leaves_the_encoder_and_rng_alone_and_matches_the
     encoder.eval()
     f = dg.view_features(encoder, probe, views=4, recipe=spec, seed=7)
     report = dg.diagnose_features(f, probe.labels, num_classes=10, alphas=(2.0, 10.0), nus=(1.0, 0.5))
-    want = M.headline(report, alpha=2.0, nu=1.0)
+    nu_min = report["bounds"]["assumptions"]["prototype_norm_min"]
+    want = M.headline(report, alpha=2.0, nu="min")
+    # the plain repulsion keys are at the largest nu the assumption allows; nu = 1 is kept beside them
+    assert a["diag_bound_nu"] == pytest.approx(nu_min) and 0 < nu_min < 1 and a["diag_nu1_violates"] == 1.0
+    t = dg.bound_terms_per_anchor(f["projector"], probe.labels, num_classes=10, alpha=2.0, nu=nu_min)
+    assert bool((t["nearest_prototype_norm"] >= nu_min - 1e-6).all())  # nu <= ||mu_y'|| for every anchor
+    assert any(v.startswith("nu=1 exceeds") for v in report["bounds"]["violations"])
+    assert a["diag_repulsion_gap/alpha2_nu1"] == pytest.approx(report["bounds"]["repulsion"]["alpha=2,nu=1"]["gap"])
     assert a.keys() == want.keys()
     for key, value in want.items():
         assert a[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
@@ -159,7 +166,7 @@ def test_diagnose_cli_prints_writes_json_plots_and_records(run, capsys):
         assert what in text
     out = json.loads((run_dir / "diagnostics.json").read_text())
     assert out["probe_images"] == 200 and out["views"] == 4 and out["alphas"] == [2.0, 10.0]
-    assert set(out["bounds"]["repulsion"]) == {"alpha=2,nu=1", "alpha=2,nu=0.5", "alpha=10,nu=1", "alpha=10,nu=0.5"}
+    assert set(out["bounds"]["repulsion"]) == {f"alpha={a},nu={nu}" for a in (2, 10) for nu in (1, 0.5, "min")}
     assert len(out["bias"]["backbone"]["normalized"]["per_class"]["angle_deg"]) == 10
     # the same probe set, views and seed as the last tracked epoch: the same numbers
     last = {k: v[-1][1] for k, v in diagnose.history(run_dir).items()}
@@ -172,7 +179,8 @@ def test_diagnose_cli_prints_writes_json_plots_and_records(run, capsys):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     row = ResultsDB(run_dir.parent / "runs.db").get_run(run_dir.name)["final_metrics"]
     assert row["diag_bias_angle_deg"] == out["headline"]["diag_bias_angle_deg"]
-    assert row["diag_repulsion_gap"] == out["bounds"]["repulsion"]["alpha=2,nu=1"]["gap"]
+    assert row["diag_repulsion_gap"] == out["bounds"]["repulsion"]["alpha=2,nu=min"]["gap"]
+    assert row["diag_repulsion_gap/alpha2_nu1"] == out["bounds"]["repulsion"]["alpha=2,nu=1"]["gap"]
     assert [p.name for p in run_dir.glob(".diagnostics.json*")] == []  # no temporary file left
 
 

@@ -3,6 +3,7 @@ database (numbers traced to their runs), empty studies said plainly, self-contai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sqlite3
@@ -36,7 +37,8 @@ def test_spearman():
 
 def _add(db_path: Path, sweep: str, study: str, point: dict, seed: int, config: Config, *, acc: float | None,
          status: str = "finished", bias: float = 30.0, epochs: int = 2, extra: dict | None = None) -> None:
-    rid = f"{sweep}-{len(json.dumps(point))}-{abs(hash(json.dumps(point, sort_keys=True))) % 10**6}-s{seed}"
+    digest = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:8]  # the same in every process
+    rid = f"{sweep}-{digest}-s{seed}"
     db = ResultsDB(db_path)
     db.start_run(rid, config=config.to_dict(), run_dir=db_path.parent / rid)
     for e in range(epochs):
@@ -167,3 +169,41 @@ def test_missing_database_is_a_clear_error(tmp_path, capsys):
 
     assert main(["report", str(tmp_path / "nope.db"), "--out", str(tmp_path / "r")]) == 2
     assert "nope.db does not exist" in capsys.readouterr().err
+
+
+def test_t_quantiles_and_paired_interval_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 5, 9, 30, 31, 60, 200):
+        assert R.t975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=2e-3 if df > 30 else 1e-3)
+    diffs = [1.2, 0.4, 2.0, 0.9, 1.5]
+    m, lo, hi, n = R.paired_interval(diffs)
+    ref = stats.t.interval(0.95, len(diffs) - 1, loc=stats.tmean(diffs), scale=stats.sem(diffs))
+    assert (m, n) == (pytest.approx(1.2), 5)
+    assert (lo, hi) == (pytest.approx(ref[0], rel=1e-3), pytest.approx(ref[1], rel=1e-3))
+    assert R.verdict(lo, hi, sign=1) == "reproduced" and R.verdict(lo, hi, sign=-1) == "contradicted"
+    assert R.verdict(-0.5, 0.7, sign=1) == "not shown" and R.verdict(-0.5, 0.7, sign=0, margin=1) == "reproduced"
+    assert R.verdict(-0.5, 1.7, sign=0, margin=1) == "not shown"
+    assert R.verdict(1.2, 1.7, sign=0, margin=1) == "contradicted"
+    assert R.paired_interval([0.3])[3] == 1 and math.isnan(R.paired_interval([0.3])[1])
+
+
+def test_claims_pair_runs_by_seed_and_config(tmp_path):
+    """Pairs are the runs that differ only in the treatment keys, the seed shared; A - B per pair, averaged."""
+    path = S.init_db(tmp_path / "runs.db")
+    truth = {0: (0.61, 0.60), 1: (0.64, 0.60), 2: (0.60, 0.61)}  # seed -> (balanced, generalized at its own scale)
+    for seed, (bal, gen) in truth.items():
+        for name, acc in (("balanced", bal), ("generalized_nt_xent", gen)):
+            c = Config()
+            c.loss.name, c.loss.alpha, c.train.seed = name, 2.0, seed
+            _add(path, "g", "loss_balance", {"loss.name": name}, seed, c, acc=acc)
+        c = Config()  # a run with another alpha pairs with nothing
+        c.loss.name, c.loss.alpha, c.train.seed = "balanced", 4.0, seed
+        _add(path, "g", "loss_balance", {"loss.name": "balanced", "loss.alpha": 4.0}, seed, c, acc=0.9)
+    groups, _ = R.load_groups(path)
+    diffs = R.claim_pairs(groups, R.CLAIMS[0])
+    assert sorted(diffs) == pytest.approx(sorted(100 * (b - g) for b, g in truth.values()))
+    assert R.claim_pairs(groups, R.CLAIMS[1]) == []  # no generalized run at the balanced loss's scale
+    md = R.write_report(path, tmp_path / "r").read_text()
+    m, lo, hi, _ = R.paired_interval(diffs)
+    assert md.index("## The paper's claims") < md.index("## Against the paper")
+    assert f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] (n=3) | not shown |" in md

@@ -285,8 +285,7 @@ def cli_main(argv: list[str]) -> int:
                           device=args.device)  # fmt: skip
     report = diagnose_features(feats, labels, num_classes=num_classes, alphas=alphas, nus=nus)
     head_alpha = run_alpha if run_alpha in alphas else alphas[0]
-    head_nu = 1.0 if 1.0 in nus else nus[0]
-    scalars = headline(report, alpha=head_alpha, nu=head_nu)
+    scalars = headline(report, alpha=head_alpha, nu="min")  # as the loop records it
 
     console = Console()
     title = f"protoclr diagnose: {run_dir.name} on {name}/{split} ({len(probe)} images x {args.views} views)"

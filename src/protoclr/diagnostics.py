@@ -87,7 +87,8 @@ def _cos(a: Tensor, b: Tensor) -> Tensor:
 # prototype representation bias
 
 
-def bias_from_features(feats: Tensor, labels: Tensor, *, num_classes: int, normalize: bool = True) -> dict[str, Any]:
+def bias_from_features(feats: Tensor, labels: Tensor, *, num_classes: int, normalize: bool = True,
+                       leave_one_out: bool = True) -> dict[str, Any]:
     """Prototype representation bias ``d(mu~_x, mu_{y(x)})`` for three distances.
 
     feats: (K, N, D) per-view features, labels: (N,). With ``normalize`` each view is L2-normalised before
@@ -95,11 +96,24 @@ def bias_from_features(feats: Tensor, labels: Tensor, *, num_classes: int, norma
     degrees), each averaged over images, and ``per_class``: the same three as (C,) tensors (mean over the
     images of each class). Zero when every image's views equal its class prototype; invariant to the order
     of images and of views.
+
+    ``leave_one_out``: the class prototype an image is compared with is the mean of the *other* images of its
+    class, an estimate of ``mu_y`` independent of ``mu~_x``. Including the image pulls its prototype toward it:
+    with ``n_y`` images per class the Euclidean distance shrinks by the factor ``(n_y - 1) / n_y`` exactly
+    (``mu_y - mu~_x = (n_y - 1) / n_y * (mu_y^{-x} - mu~_x)``): 10% at 10 images per class, 2% at 50. A class with
+    one image has no other to compare with and needs ``leave_one_out=False``.
     """
     _check_views(feats, labels, num_classes)
     f = F.normalize(feats, dim=-1) if normalize else feats
     surrogate = f.mean(0)  # (N, D)
-    protos = class_prototypes_from_views(f, labels, num_classes=num_classes)[labels.to(f.device)]  # (N, D)
+    y = labels.to(f.device)
+    protos = class_prototypes_from_views(f, labels, num_classes=num_classes)[y]  # (N, D)
+    if leave_one_out:
+        n_y = torch.bincount(y, minlength=num_classes).to(f.dtype)[y][:, None]  # (N, 1) images of each one's class
+        if bool((n_y < 2).any()):
+            raise ValueError("leave-one-out class prototypes need at least 2 images per class; pass more probe "
+                             "images or leave_one_out=False.")
+        protos = (n_y * protos - surrogate) / (n_y - 1)  # the mean of the other images of the class
     cos = _cos(surrogate, protos).clamp(-1, 1)  # (N,)
     per_image = {
         "euclidean": (surrogate - protos).norm(dim=-1),
@@ -220,6 +234,7 @@ def bound_terms(
     nus: tuple[float, ...] = (1.0,),
     normalize: bool = True,
     tol: float = 1e-5,
+    nu_at_min_norm: bool = False,
 ) -> dict[str, Any]:
     """Bound terms averaged over anchors, their gaps, and the assumptions they rest on.
 
@@ -229,6 +244,10 @@ def bound_terms(
     (unit norm, non-negative positives, class counts and ``balance_ratio = n * min_y p_y``, prototype norms,
     non-negative nearest-prototype similarity) and ``violations``: one sentence per failed assumption.
     A bound whose assumptions all hold has ``holds_fraction == 1``; a test checks that.
+
+    ``nu_at_min_norm``: also the repulsion terms at ``nu = min_y ||mu_y||`` (``assumptions["nu_min_norm"]``), the
+    largest nu that satisfies the bound's ``nu <= ||mu_y||`` on this probe set (the per-anchor condition uses
+    the nearest class's norm, so it holds for every anchor), keyed ``"alpha=A,nu=min"``.
     """
     if not alphas or not nus:
         raise ValueError("alphas and nus must be non-empty tuples of positive numbers.")
@@ -240,12 +259,15 @@ def bound_terms(
     report: dict[str, Any] = {"num_anchors": feats.shape[0] * feats.shape[1], "num_classes": num_classes}
     violations: list[str] = []
     repulsion = {}
+    protos = class_prototypes_from_views(f, labels, num_classes=num_classes)
+    pnorm = protos.norm(dim=-1)
+    nu_min = pnorm.min().item()
     for alpha in alphas:
         t = bound_terms_per_anchor(f, labels, num_classes=num_classes, alpha=alpha, nu=1.0, normalize=False)
-        for nu in nus:
+        for key, nu in [(f"{n:g}", n) for n in nus] + ([("min", nu_min)] if nu_at_min_norm else []):
             ssl = t["ssl_repulsion"] / nu  # the right-hand side scales as 1 / nu; nothing else depends on nu
             gap = ssl - t["sup_repulsion"]
-            repulsion[f"alpha={alpha:g},nu={nu:g}"] = {
+            repulsion[f"alpha={alpha:g},nu={key}"] = {
                 "supervised": t["sup_repulsion"].mean().item(),
                 "self_supervised": ssl.mean().item(),
                 "gap": gap.mean().item(),
@@ -262,14 +284,13 @@ def bound_terms(
         "bias_gap": (t["sup_attraction"] - t["surrogate_attraction"]).mean().item(),
     }
     report["repulsion"] = repulsion
-    protos = class_prototypes_from_views(f, labels, num_classes=num_classes)
-    pnorm = protos.norm(dim=-1)
     a = {
         "max_norm_deviation": (norms - 1).abs().max().item(),
         "positive_nonneg_fraction": (t["positive_mean"] >= 0).double().mean().item(),
         "class_counts": counts.tolist(),
         "balance_ratio": (counts.min() * num_classes / counts.sum()).item(),
-        "prototype_norm_min": pnorm.min().item(),
+        "prototype_norm_min": nu_min,
+        "nu_min_norm": nu_min,
         "prototype_norm_mean": pnorm.mean().item(),
         "prototype_norm_max": pnorm.max().item(),
         "nearest_similarity_nonneg_fraction": (t["sup_repulsion"] >= 0).double().mean().item(),
@@ -457,7 +478,8 @@ def diagnose_features(
     alphas: tuple[float, ...] = (1.0, 5.0, 10.0),
     nus: tuple[float, ...] = (1.0,),
 ) -> dict[str, Any]:
-    """Everything at once from per-view features: ``bias`` (every head and variant), ``bounds`` and
+    """Everything at once from per-view features: ``bias`` (every head and variant), ``bounds`` (at every
+    ``alphas`` x ``nus`` and at ``nu = min ||mu_y||``, where the repulsion bound's assumption holds) and
     ``geometry`` on the projector output (the space the contrastive loss sees), L2-normalised.
 
     features: {"backbone": (K, N, F), "projector": (K, N, D)}, K >= 2; labels: (N,).
@@ -465,7 +487,7 @@ def diagnose_features(
     z = features["projector"]
     return {
         "bias": bias_report(features, labels, num_classes=num_classes),
-        "bounds": bound_terms(z, labels, num_classes=num_classes, alphas=alphas, nus=nus),
+        "bounds": bound_terms(z, labels, num_classes=num_classes, alphas=alphas, nus=nus, nu_at_min_norm=True),
         "geometry": geometry(z),
     }
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from protoclr import splits
-from protoclr.diagnostics import bias_report, bound_terms, geometry, view_features
+from protoclr.diagnostics import diagnose_features, view_features
 from protoclr.evaluate import extract_features, knn_accuracy, linear_probe_cached
 from protoclr.losses import config_alpha
 from protoclr.models import build_encoder
@@ -46,7 +46,9 @@ ATTRACTION_SUP, ATTRACTION_SURROGATE, ATTRACTION_SSL = "diag_attraction_sup", "d
     "diag_attraction_ssl"
 ATTRACTION_GAP = "diag_attraction_gap"  # self-supervised minus surrogate attraction (>= 0 where the bound holds)
 REPULSION_SUP, REPULSION_SSL = "diag_repulsion_sup", "diag_repulsion_ssl"
-REPULSION_GAP = "diag_repulsion_gap"  # self-supervised minus supervised repulsion at (alpha, nu) of the run
+REPULSION_GAP = "diag_repulsion_gap"  # self-supervised minus supervised repulsion at the loss's alpha, nu=min||mu||
+REPULSION_GAP_NU1 = "diag_repulsion_gap/alpha{alpha:g}_nu1"  # the same at nu = 1 (format with the alpha)
+NU1_VIOLATES = "diag_nu1_violates"  # 1 when nu = 1 exceeds the smallest prototype norm (the bound's assumption fails)
 VIOLATIONS = "diag_violations"
 
 
@@ -123,14 +125,17 @@ def random_init_floor(cfg: Any, train: Any, test: Any, spec: ViewSpec, *, linear
 # diagnostics as metrics
 
 
-def headline(report: dict[str, Any], *, alpha: float, nu: float) -> dict[str, float]:
+def headline(report: dict[str, Any], *, alpha: float, nu: float | str = "min") -> dict[str, float]:
     """The ``diag_*`` scalars kept from a :func:`protoclr.diagnostics.diagnose_features`-style report.
 
     Bias (if present): :data:`BIAS` / ``diag_bias_cosine`` (backbone, normalized), ``diag_bias_euclidean``
     (backbone, raw features), :data:`BIAS_PROJ`. Bounds (if present): the attraction terms, the repulsion terms at
-    (``alpha``, ``nu``) (which must be in the report), ``.._holds`` (share of anchors where the bound holds),
-    ``diag_repulsion_gap/alpha{A}_nu{V}`` and ``.._holds/..`` for every pair, the assumption quantities and
-    :data:`VIOLATIONS` (a count). Geometry: alignment, uniformity, effective rank, positive / negative
+    (``alpha``, ``nu``) (which must be in the report; ``nu="min"``, the default, is ``min ||mu_y||``, where the
+    bound's assumption holds), ``.._holds`` (share of anchors where the bound holds),
+    ``diag_repulsion_gap/alpha{A}_nu{V}`` and ``.._holds/..`` for every pair (``nu1`` among them: the repulsion
+    bound at nu = 1, where ``nu <= ||mu_y||`` usually fails; :data:`NU1_VIOLATES` says whether it does), the
+    assumption quantities and :data:`VIOLATIONS` (a count over every pair's assumptions).
+    Geometry: alignment, uniformity, effective rank, positive / negative
     similarity, contrastive top-1.
     """
     out: dict[str, float] = {}
@@ -140,23 +145,26 @@ def headline(report: dict[str, Any], *, alpha: float, nu: float) -> dict[str, fl
                     "diag_bias_euclidean": bb["raw"]["euclidean"], BIAS_PROJ: bp["normalized"]["angle_deg"]})
     if "bounds" in report:
         b = report["bounds"]
-        key = f"alpha={alpha:g},nu={nu:g}"
+        key = f"alpha={alpha:g},nu={nu if isinstance(nu, str) else f'{nu:g}'}"
         if key not in b["repulsion"]:
-            raise ValueError(f"alpha={alpha:g}, nu={nu:g} is not in the report ({sorted(b['repulsion'])}); "
-                             "compute the bounds with that pair among alphas and nus.")
+            raise ValueError(f"{key} is not in the report ({sorted(b['repulsion'])}); compute the bounds with that "
+                             "pair among alphas and nus (nu=min: with nu_at_min_norm=True).")
         a, r, asm = b["attraction"], b["repulsion"][key], b["assumptions"]
         out.update({ATTRACTION_SUP: a["supervised"], ATTRACTION_SURROGATE: a["surrogate"],
                     ATTRACTION_SSL: a["self_supervised"], ATTRACTION_GAP: a["gap"],
                     "diag_attraction_holds": a["holds_fraction"], REPULSION_SUP: r["supervised"],
                     REPULSION_SSL: r["self_supervised"], REPULSION_GAP: r["gap"],
                     "diag_repulsion_holds": r["holds_fraction"], "diag_bound_alpha": float(alpha),
-                    "diag_bound_nu": float(nu)})
+                    "diag_bound_nu": float(asm["nu_min_norm"] if nu == "min" else nu)})
         for pair, rr in b["repulsion"].items():
+            if pair.endswith("nu=min"):
+                continue  # the plain keys when nu="min"; its value changes with the encoder, so no key of its own
             a_, nu_ = (float(v.split("=")[1]) for v in pair.split(","))
             out[f"{REPULSION_GAP}/alpha{a_:g}_nu{nu_:g}"] = rr["gap"]
             out[f"diag_repulsion_holds/alpha{a_:g}_nu{nu_:g}"] = rr["holds_fraction"]
         out.update({"diag_balance_ratio": asm["balance_ratio"], "diag_prototype_norm_min": asm["prototype_norm_min"],
-                    VIOLATIONS: float(len(b["violations"]))})
+                    VIOLATIONS: float(len(b["violations"])),
+                    NU1_VIOLATES: float(asm["prototype_norm_min"] < 1.0)})
     if "geometry" in report:
         out.update({f"diag_{k}": float(v) for k, v in report["geometry"].items()})
     return out
@@ -182,11 +190,8 @@ def diagnostics_metrics(encoder: nn.Module, probe: Any, *, spec: ViewSpec, views
                               device=device)
     finally:
         encoder.train(was_training)
-    z = feats["projector"]
-    report = {"bias": bias_report(feats, labels, num_classes=C),
-              "bounds": bound_terms(z, labels, num_classes=C, alphas=tuple(alphas), nus=tuple(nus)),
-              "geometry": geometry(z)}
-    return headline(report, alpha=alphas[0], nu=nus[0])
+    report = diagnose_features(feats, labels, num_classes=C, alphas=tuple(alphas), nus=tuple(nus))
+    return headline(report, alpha=alphas[0], nu="min")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,6 +262,7 @@ def final_metrics(encoder: nn.Module, fit_sets: dict[str, Any], test: Any, spec:
     return out
 
 
-__all__ = ["ATTRACTION_GAP", "BIAS", "BIAS_PROJ", "EVAL_KNN", "EVAL_LINEAR", "KNN", "KNN_K", "KNN_TEMPERATURE", "PROBE",
-           "REPULSION_GAP", "VIOLATIONS", "Monitor", "backbone_features", "diagnostics_metrics", "evaluate_backbone",
-           "final_metrics", "headline", "random_init_floor", "raw_pixel_floor", "score_features"]
+__all__ = ["ATTRACTION_GAP", "BIAS", "BIAS_PROJ", "EVAL_KNN", "EVAL_LINEAR", "KNN", "KNN_K", "KNN_TEMPERATURE",
+           "NU1_VIOLATES", "PROBE", "REPULSION_GAP", "REPULSION_GAP_NU1", "VIOLATIONS", "Monitor", "backbone_features",
+           "diagnostics_metrics", "evaluate_backbone", "final_metrics", "headline", "random_init_floor",
+           "raw_pixel_floor", "score_features"]
