@@ -278,3 +278,34 @@ def test_cli_evaluates_a_run_writes_eval_json_and_records_it(tmp_path, fashion_m
     assert ev.cli_main([a for a in argv if a not in ("--linear", "cached")]) == 0  # cache; keeps the probe
     again = json.loads((run_dir / "eval.json").read_text())
     assert again["knn"]["top1"] == out["knn"]["top1"] and "linear_cached" in again
+
+
+@pytest.mark.parametrize("protocol", ["cached", "augmented"])
+def test_final_metrics_follow_the_linear_protocol(protocol):
+    """eval.linear_protocol picks the probe: the cached L-BFGS fit on features or the augmented SGD protocol;
+    each gives what a direct call of its function gives on the same draws."""
+    from protoclr.config import ModelConfig, load_config
+    from protoclr.data import LabeledImages
+    from protoclr.measure import final_metrics
+    from protoclr.models import build_encoder
+    from protoclr.views import eval_images, view_spec
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    imgs = (torch.rand(60, 3, 8, 8, generator=g) * 80 + 60 * labels[:, None, None, None]).to(torch.uint8)
+    train = LabeledImages(labels=labels[:40], classes=list("abc"), images=imgs[:40])
+    test = LabeledImages(labels=labels[40:], classes=list("abc"), images=imgs[40:])
+    spec = view_spec("simclr_cifar", size=8)
+    torch.manual_seed(0)
+    enc = build_encoder(ModelConfig(convnet_widths=[8], projector_hidden_dim=8, projector_dim=4), in_channels=3).eval()
+    cfg = load_config(None, [f"eval.linear_protocol={protocol}", "eval.linear_epochs=3"])
+    out = final_metrics(enc, {"": train}, test, spec, cfg)
+    pre = lambda x: eval_images(x, spec)  # noqa: E731
+    if protocol == "augmented":
+        want = ev.linear_probe_augmented(enc.backbone, train, test, num_classes=3, epochs=3, batch_size=40,
+                                         preprocess=pre)["top1"]
+    else:
+        f_tr, y_tr = ev.extract_features(enc.backbone, train, preprocess=pre)
+        f_te, y_te = ev.extract_features(enc.backbone, test, preprocess=pre)
+        want = ev.linear_probe_cached(f_tr, y_tr, f_te, y_te, num_classes=3)["top1"]
+    assert out["eval_linear_top1"] == pytest.approx(want) and out["eval_train_images"] == 40

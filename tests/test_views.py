@@ -88,6 +88,7 @@ def test_modifiers_change_what_they_name(name):
     expected = {
         "no_blur": {"blur_p"},
         "add_rotation": {"rotation_p", "rotation_degrees"},
+        "add_rotation_90": {"rotation_p", "rotation_degrees", "rotation_step"},
         "no_color": {"jitter_p", "gray_p"},
         "add_cutout": {"cutout_p"},
     }[name]
@@ -630,3 +631,23 @@ def test_file_backed_training_uses_whole_image_crops(tmp_path, monkeypatch):
     assert seen == [(3, 32, 2), (3, 32, 2)]
     with pytest.raises(ConfigError, match=r"data\.local_views / data\.view_sizes need an in-memory dataset"):
         pretrain(load_config(None, [*base, "data.local_views=2", "train.run_name=local"]))
+
+
+def test_simclr_rotation_draws_each_quarter_turn_equally_and_rotates_exactly():
+    """add_rotation_90: angles 0, 90, 180, 270 (as -90 .. 180) with probability 1/4 each; a 90-degree view of a
+    full-image crop is the image turned by a quarter (torch.rot90), up to interpolation at the border."""
+    spec = view_spec("simclr_cifar", ["add_rotation_90"])
+    p = sample_params(spec, height=32, width=32, num_views=4, seed=0, epoch=0, indices=torch.arange(2000))
+    angles, counts = torch.unique(p.angle.abs().where(p.angle.abs() != 180, torch.tensor(180.0)), return_counts=True)
+    assert angles.tolist() == [0.0, 90.0, 180.0] and counts.sum().item() == 8000
+    share = {a: c / 8000 for a, c in zip(angles.tolist(), counts.tolist(), strict=True)}
+    assert abs(share[0.0] - 0.25) < 0.02 and abs(share[180.0] - 0.25) < 0.02 and abs(share[90.0] - 0.5) < 0.02
+    x = torch.rand(1, 3, 16, 16)
+    flat = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    plain = view_spec("simclr_cifar", ["add_rotation_90"], size=16, **flat)
+    out, params = make_views(x, plain, num_views=8, seed=1, epoch=0, indices=torch.tensor([0]), return_params=True)
+    ref = eval_images(x, plain)[0]
+    for v in range(8):
+        k = round(float(params.angle[v, 0]) / 90) % 4  # counter-clockwise quarter turns
+        torch.testing.assert_close(out[v, 0][:, 1:-1, 1:-1], torch.rot90(ref, k, dims=(1, 2))[:, 1:-1, 1:-1],
+                                   atol=1e-4, rtol=0)

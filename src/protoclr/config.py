@@ -49,6 +49,7 @@ class DataConfig:
     class_profile: str = "none"  # none | longtail | uniform
     longtail_profile: str = "exp"  # exp (Cao et al. 2019, CIFAR-LT) | pareto (Liu et al. 2019, ImageNet-LT)
     imbalance_ratio: float = 100.0  # largest / smallest class size for longtail (and uniform's budget)
+    uniform_total: int = 0  # uniform: this many images (e.g. ImageNet-LT's 115,846); 0 = the long-tailed set's size
     views: str = "simclr_small"  # protoclr.views preset (simclr | simclr_cifar | simclr_small)
     view_modifiers: list[str] = field(default_factory=list)  # protoclr.views modifiers applied to the preset
     # ViewSpec fields set after the preset and modifiers, as field=value (value in YAML), e.g.
@@ -156,7 +157,12 @@ class EvalConfig:
     test_images: int = 0  # held-out images scored (a fixed seeded draw of every class); 0 = all
     online_probe: bool = True  # a linear probe trained along on detached view-0 backbone features (own SGD)
     probe_lr: float = 0.1  # the online probe's SGD learning rate (momentum 0.9, no schedule)
-    linear: bool = True  # after pretraining: the cached linear probe (L-BFGS, weight decay chosen on 10% of train)
+    linear: bool = True  # after pretraining, a linear probe on frozen backbone features, by linear_protocol:
+    # cached (features once, L-BFGS, weight decay chosen on 10% of the fit set; minutes on a CPU) or augmented (the
+    # standard protocol: a fresh crop + flip every epoch, SGD with a cosine schedule for linear_epochs; many encoder
+    # passes, for GPUs)
+    linear_protocol: str = "cached"
+    linear_epochs: int = 100  # augmented protocol: epochs (SimCLR and MoCo evaluate with 90-100)
     # Prototype bias, bound terms and geometry (protoclr.diagnostics) on a fixed class-balanced held-out probe
     # set, as diag_* keys; cost: diag_views * diag_images encoder forwards per measurement.
     diagnostics: bool = False
@@ -258,6 +264,9 @@ class Config:
             ("eval.batch_size", ev.batch_size >= 1, "must be >= 1"),
             ("eval.diag_images", ev.diag_images >= 2, "must be >= 2"),
             ("eval.diag_views", ev.diag_views >= 2, "must be >= 2 (the bounds pair an anchor with another view)"),
+            ("eval.linear_protocol", ev.linear_protocol in ("cached", "augmented"), "must be cached or augmented"),
+            ("eval.linear_epochs", ev.linear_epochs >= 1, "must be >= 1"),
+            ("data.uniform_total", d.uniform_total >= 0, "must be >= 0 (0 = the long-tailed set's size)"),
             ("trainer.num_nodes", self.trainer.num_nodes >= 1, "must be >= 1"),
         ]
         tg = self.target

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from protoclr import splits
 from protoclr.diagnostics import diagnose_features, view_features
-from protoclr.evaluate import extract_features, knn_accuracy, linear_probe_cached
+from protoclr.evaluate import extract_features, knn_accuracy, linear_probe_augmented, linear_probe_cached
 from protoclr.losses import config_alpha
 from protoclr.models import build_encoder
 from protoclr.views import ViewSpec, eval_images
@@ -239,7 +239,9 @@ class Monitor:
 
 def final_metrics(encoder: nn.Module, fit_sets: dict[str, Any], test: Any, spec: ViewSpec, cfg: Any, *,
                   device: str | torch.device = "cpu") -> dict[str, float]:
-    """After pretraining: :data:`EVAL_KNN` and (``eval.linear``) :data:`EVAL_LINEAR` of the backbone, fitted on
+    """After pretraining: :data:`EVAL_KNN` and (``eval.linear``, by ``eval.linear_protocol``: the cached probe on
+    features extracted once, or the augmented one of :func:`protoclr.evaluate.linear_probe_augmented`)
+    :data:`EVAL_LINEAR` of the backbone, fitted on
     each of ``fit_sets`` (key: the suffix of its metric names, "" for the headline set, e.g.
     ``splits.probe_fit_set``) and scored on the held-out draw of ``eval.test_images``; ``eval_nonfinite_features``
     instead when a diverged encoder gives non-finite features."""
@@ -254,9 +256,16 @@ def final_metrics(encoder: nn.Module, fit_sets: dict[str, Any], test: Any, spec:
     if not (torch.isfinite(f_te).all() and all(torch.isfinite(f).all() for f, _ in fitted.values())):
         out["eval_nonfinite_features"] = 1.0  # a diverged encoder: no accuracy to report
         return out
+    augmented = cfg.eval.linear and cfg.eval.linear_protocol == "augmented"
     for suffix, (f_tr, y_tr) in fitted.items():
-        res = score_features(f_tr, y_tr, f_te, y_te, num_classes=len(test.classes), linear=cfg.eval.linear)
+        res = score_features(f_tr, y_tr, f_te, y_te, num_classes=len(test.classes),
+                             linear=cfg.eval.linear and not augmented)
         out[f"{EVAL_KNN}{suffix}"] = res["knn_top1"]
+        if augmented:  # the standard protocol: crop + flip every epoch through the frozen backbone
+            res["linear_top1"] = linear_probe_augmented(
+                encoder.backbone.eval(), fit_sets[suffix], scored, num_classes=len(test.classes),
+                epochs=cfg.eval.linear_epochs, batch_size=min(256, len(fit_sets[suffix])), device=device,
+                preprocess=lambda x: eval_images(x, spec))["top1"]
         if "linear_top1" in res:
             out[f"{EVAL_LINEAR}{suffix}"] = res["linear_top1"]
     return out

@@ -194,10 +194,13 @@ def epoch_order(n: int, *, seed: int, epoch: int) -> torch.Tensor:
 
 def class_profiled(train: Any, data_cfg: Any, *, seed: int) -> Any:
     """``train`` drawn to ``data.class_profile``: itself for none, the long-tailed set, or a uniform set of the
-    long-tailed set's size (so that the two differ only in balance)."""
+    long-tailed set's size (so that the two differ only in balance), or of ``data.uniform_total`` images (the
+    twin of a long tail loaded as it is, e.g. ImageNet-LT's list)."""
     d = data_cfg
     if d.class_profile == "none":
         return train
+    if d.class_profile == "uniform" and d.uniform_total:
+        return uniform_subset(train, total=d.uniform_total, seed=seed + CLASS_PROFILE)
     lt = longtail(train, profile=d.longtail_profile, imbalance_ratio=d.imbalance_ratio, seed=seed + CLASS_PROFILE)
     return lt if d.class_profile == "longtail" else uniform_subset(train, total=len(lt), seed=seed + CLASS_PROFILE)
 

@@ -61,6 +61,7 @@ class ViewSpec:
     blur_kernel_frac: float = 0.1  # kernel side = nearest odd integer to 10% of the view side (SimCLR)
     rotation_p: float = 0.0  # random rotation probability (corners outside the image are black)
     rotation_degrees: float = 0.0  # angle uniform in [-d, d]
+    rotation_step: float = 0.0  # > 0: the angle rounded to a multiple of it (SimCLR's rotation: d=180, step 90)
     cutout_p: float = 0.0  # random erasing probability (erased pixels are 0 after normalisation: the mean)
     cutout_scale: tuple[float, float] = (0.02, 0.33)  # erased area fraction (torchvision RandomErasing)
     cutout_ratio: tuple[float, float] = (0.3, 3.3)  # erased width / height, log-uniform
@@ -91,7 +92,7 @@ def _validate(spec: ViewSpec) -> None:
     for p in ("flip_p", "jitter_p", "gray_p", "blur_p", "rotation_p", "cutout_p"):
         if not 0.0 <= getattr(spec, p) <= 1.0:
             raise ValueError(f"ViewSpec.{p} is a probability in [0, 1], got {getattr(spec, p)}.")
-    for p in ("brightness", "contrast", "saturation", "rotation_degrees", "blur_kernel_frac"):
+    for p in ("brightness", "contrast", "saturation", "rotation_degrees", "rotation_step", "blur_kernel_frac"):
         if getattr(spec, p) < 0:
             raise ValueError(f"ViewSpec.{p} must be >= 0, got {getattr(spec, p)}.")
     if not 0 <= spec.hue <= 0.5:
@@ -130,10 +131,14 @@ PRESETS: dict[str, ViewSpec] = {
     ),
 }
 
-# The paper's augmentation ablations, each usable with any preset.
+# The paper's augmentation ablations (remove blur, add rotation, remove colour, add cutout), each usable with any
+# preset. The paper names the operations, not their parameters: the probabilities and ranges below are ours
+# (docs/paper-settings.md), except add_rotation_90, SimCLR's rotation (Chen et al. 2020, fig. 4: one of 0, 90,
+# 180, 270 degrees).
 MODIFIERS: dict[str, Callable[[ViewSpec], ViewSpec]] = {
     "no_blur": lambda s: replace(s, blur_p=0.0),
     "add_rotation": lambda s: replace(s, rotation_p=0.5, rotation_degrees=30.0),
+    "add_rotation_90": lambda s: replace(s, rotation_p=1.0, rotation_degrees=180.0, rotation_step=90.0),
     "no_color": lambda s: replace(s, jitter_p=0.0, gray_p=0.0),
     "add_cutout": lambda s: replace(s, cutout_p=0.5),
 }
@@ -347,10 +352,13 @@ def sample_params(
     cw = torch.sqrt(c_area * c_ratio).clamp(max=s)  # deviation: torchvision retries boxes that do not fit
     ch = torch.sqrt(c_area / c_ratio).clamp(max=s)
     rot = u[..., _S_ROT] < spec.rotation_p
+    angle = _lerp(u[..., _S_ANGLE], -spec.rotation_degrees, spec.rotation_degrees)
+    if spec.rotation_step > 0:  # uniform on [-180, 180] rounded to 90: each of 4 rotations with probability 1/4
+        angle = torch.round(angle / spec.rotation_step) * spec.rotation_step
     return ViewParams(
         boxes=crop_boxes(u, spec, height, width),
         flip=u[..., _S_FLIP] < spec.flip_p,
-        angle=torch.where(rot, _lerp(u[..., _S_ANGLE], -spec.rotation_degrees, spec.rotation_degrees), 0.0),
+        angle=torch.where(rot, angle, 0.0),
         jitter=u[..., _S_JIT] < spec.jitter_p,
         brightness=factor(_S_BRI, spec.brightness),
         contrast=factor(_S_CON, spec.contrast),
