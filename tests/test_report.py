@@ -106,8 +106,8 @@ def test_class_balance_section_shows_both_probes(tmp_path):
     assert "| cb | class_profile=longtail | 45.50 ± 0.71 (n=2) | 31.00 ± 1.41 (n=2) | 40.00 ± 0.00 (n=2) | no runs |" \
         in section
     assert "| cb | class_profile=uniform | 50.50 ± 0.71 (n=2) | 53.00 ± 1.41 (n=2) |" in section
-    assert "| class_balance | long-tailed (Pareto profile) | ImageNet-LT | 13.65 | cifar10_zip" not in md  # F-MNIST
-    assert "| class_balance | long-tailed (Pareto profile) | ImageNet-LT | 13.65 | fashion_mnist: " in md
+    assert "| class_balance | long-tailed (ImageNet-LT) | ImageNet-LT | 13.65 | cifar10_zip" not in md  # F-MNIST
+    assert "| class_balance | long-tailed (ImageNet-LT) | ImageNet-LT | 13.65 | fashion_mnist: " in md
 
 
 def test_paper_table_says_when_every_run_diverged(tmp_path):

@@ -78,7 +78,7 @@ class ModelConfig:
     small_images: bool = True  # resnet CIFAR stem: 3x3 conv stride 1, no max-pool
     norm: str = "batch"  # batch | group | none, in backbone and projector
     projector_layers: int = 3  # MLP depth (the paper: 3); 0 = identity
-    projector_hidden_dim: int = 512  # hidden width (the paper: 2048)
+    projector_hidden_dim: int = 512  # hidden width (SimCLR uses the backbone's width: 2048 for ResNet-50)
     projector_dim: int = 128  # output dim D of z
     projector_last_norm: bool = False  # norm layer after the last linear (SimCLR v2 style)
 

@@ -65,8 +65,8 @@ PAPER: list[dict[str, Any]] = [
          select=lambda c: c["loss"]["similarity"] == "neg_euclidean"),
     dict(study="class_balance", setting="uniform class distribution", dataset="ImageNet-LT budget", acc=20.82,
          select=lambda c: c["data"].get("class_profile") == "uniform"),
-    dict(study="class_balance", setting="long-tailed (Pareto profile)", dataset="ImageNet-LT", acc=13.65,
-         select=lambda c: c["data"].get("class_profile") == "longtail"),
+    dict(study="class_balance", setting="long-tailed (ImageNet-LT)", dataset="ImageNet-LT", acc=13.65,
+         select=lambda c: c["data"].get("class_profile") == "longtail" or c["data"]["dataset"] == "imagenet_lt"),
     dict(study="loss_balance", setting="balanced loss, best (paper: alpha=4, lam=2)", dataset="ImageNet", acc=67.40,
          best=True, select=lambda c: c["loss"]["name"] == "balanced"),
     dict(study="loss_balance", setting="generalized NT-Xent, best (paper: alpha=2, lam=2)", dataset="ImageNet",
@@ -119,8 +119,9 @@ CLAIMS: list[dict[str, Any]] = [
          a=lambda c: c["loss"]["similarity"] == "cosine", b=lambda c: c["loss"]["similarity"] == "neg_euclidean"),
     dict(study="class_balance", claim="a uniform class distribution beats a long tail of the same size",
          paper="20.82 vs 13.65 (ImageNet-LT budget)", metric=EVAL_LINEAR, scale=100, sign=1,
-         treatment=("data.class_profile",),
-         a=lambda c: c["data"]["class_profile"] == "uniform", b=lambda c: c["data"]["class_profile"] == "longtail"),
+         treatment=("data.class_profile", "data.dataset", "data.uniform_total", "data.test_split"),
+         a=lambda c: c["data"]["class_profile"] == "uniform",
+         b=lambda c: c["data"]["class_profile"] == "longtail" or c["data"]["dataset"] == "imagenet_lt"),
     dict(study="bounds", claim="the attraction gap shrinks during training (last epoch below the first)",
          paper="shrinks, then stabilizes", metric=ATTRACTION_GAP, scale=1, sign=-1, within=True,
          a=lambda c: True, b=lambda c: True),
@@ -627,10 +628,12 @@ def section_loss_balance(doc: Doc, groups: list[Group]) -> None:
     if not gs:
         doc.p("No runs of this study in the database (sweeps with `study: loss_balance`).")
         return
-    for (ds, loss), sub in _by(gs, lambda g: (_dataset(g), g.config["loss"]["name"])).items():
-        doc.h(3, f"{loss} on {ds}")
-        name = f"heatmap_{ds}_{loss}.png"
-        doc.image(name, heatmap(sub, f"{loss} on {ds}: linear top-1 (%), mean ± std over seeds"), name)
+    for (ds, loss, scale), sub in _by(gs, lambda g: (_dataset(g), g.config["loss"]["name"],
+                                                     g.config["loss"].get("scale", "preset"))).items():
+        what = loss if scale == "preset" else f"{loss}, scale {scale}"  # a matched-scale control
+        doc.h(3, f"{what} on {ds}")
+        name = f"heatmap_{ds}_{loss}{'' if scale == 'preset' else '_' + scale}.png"
+        doc.image(name, heatmap(sub, f"{what} on {ds}: linear top-1 (%), mean ± std over seeds"), name)
         doc.table(STAT_HEADER, [_stat_row(g) for g in sub])
         _provenance(doc, sub)
 
@@ -770,6 +773,7 @@ def build_report(db_path: str | Path, *, title: str = "protoclr results", note: 
     section_loss_balance(doc, groups)
     section_augmentation(doc, groups)
     _bar_section(doc, groups, "similarity", "Similarity measure", "")
+    _bar_section(doc, groups, "decoupled", "Decoupled contrastive loss against NT-Xent", "")
     section_class_balance(doc, groups)
     section_targets(doc, groups)
     section_bounds(doc, groups)

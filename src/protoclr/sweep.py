@@ -49,7 +49,7 @@ from protoclr.runs import ResultsDB, load_run
 from protoclr.train import TrainingDiverged, pretrain
 
 # What protoclr.report draws for a sweep; "" = training curves only.
-STUDIES = ("", "loss_balance", "augmentation", "similarity", "class_balance", "bounds", "targets")
+STUDIES = ("", "loss_balance", "augmentation", "similarity", "class_balance", "bounds", "targets", "decoupled")
 SWEEP_FILE_KEYS = ("base", "study", "seeds", "overrides", "grid", "name")
 # Config keys that say where or how a run executes, not what it computes: left out of the run id.
 _ID_EXCLUDED = ("train.out_dir", "train.run_name", "data.root", "data.num_workers", "data.download", "trainer")
