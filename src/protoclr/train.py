@@ -87,10 +87,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, *, lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum) or LARS over two groups: decayed weights, and biases/norm parameters with no decay."""
+    """SGD (momentum), LARS or AdamW (Loshchilov & Hutter 2019: decoupled weight decay) over two groups
+    (``models.param_groups``): decayed weights, and biases / norm parameters / ViT tokens with no decay."""
     groups = param_groups(model, weight_decay=cfg.weight_decay)
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.betas[0], cfg.betas[1]))
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
 
 
@@ -549,8 +552,8 @@ def cli_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["LARS", "TrainingDiverged", "build_optimizer", "cli_main", "cpu_has_bf16", "lr_schedule", "pretrain",
-           "setup_fabric"]
+__all__ = ["LARS", "TrainingDiverged", "build_optimizer", "cli_main", "cpu_has_bf16", "lr_schedule",
+           "pretrain", "setup_fabric"]
 
 if __name__ == "__main__":
     sys.exit(cli_main(sys.argv[1:]))
