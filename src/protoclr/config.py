@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from protoclr import extras
 from protoclr.data import DATASETS
 from protoclr.errors import ConfigError
 from protoclr.models import check_backbone
@@ -30,6 +31,8 @@ from protoclr.views import MODIFIERS, PRESETS, config_view_spec
 
 # target.name values (the loop in protoclr.train implements each; docs/training.md describes them)
 TARGETS = ("shared", "stop_gradient", "momentum", "multi_view_mean")
+# trainer.loggers values -> the package each needs beyond protoclr's own (protoclr.train.setup_fabric builds them)
+LOGGERS: dict[str, str | None] = {"tensorboard": None, "csv": None, "wandb": "wandb", "mlflow": "mlflow"}
 
 
 @dataclass
@@ -185,7 +188,12 @@ class TrainerConfig:
     num_threads: int = 0  # torch intra-op threads per process; 0 = torch's default (the core count)
     compile: bool = False  # torch.compile the encoder
     sync_batchnorm: bool = True  # convert BatchNorm to SyncBatchNorm when world size > 1 (GPU only)
-    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "csv"])  # plus metrics.jsonl, always
+    # any of LOGGERS; metrics.jsonl and runs.db are always written. wandb (pip install 'protoclr[wandb]') runs
+    # offline into <run>/wandb unless WANDB_MODE or WANDB_API_KEY is set (then as they say; WANDB_PROJECT names
+    # the project, default protoclr); mlflow (pip install 'protoclr[mlflow]') writes to MLFLOW_TRACKING_URI, else
+    # to sqlite:///<run>/mlflow.db (MLFLOW_EXPERIMENT_NAME, default protoclr). Each gets the resolved config
+    # (flattened keys: optim.base_lr) and every step and epoch record (train/*, epoch/*).
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "csv"])
     progress: bool = True  # live progress bar
 
 
@@ -306,6 +314,11 @@ class Config:
             raise ConfigError(f"model.timm_img_size: {m.timm_img_size} differs from the {spec.size}-pixel views of "
                               f"data.views={d.views}; set model.timm_img_size={spec.size}")
         check_backbone(m.backbone)  # timm names: against timm.list_models(), no model built
+        for name in self.trainer.loggers:
+            if name not in LOGGERS:
+                raise ConfigError(f"trainer.loggers: unknown logger {name!r}; choose from {', '.join(LOGGERS)}")
+            if LOGGERS[name] is not None:
+                extras.check(LOGGERS[name], why=f"trainer.loggers={name}")
         return self
 
 
@@ -457,6 +470,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 __all__ = [
+    "LOGGERS",
     "TARGETS",
     "Config",
     "ConfigError",
