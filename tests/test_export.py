@@ -30,6 +30,9 @@ RUNS = {
             "optim.name=adamw", "optim.base_lr=5e-4"],
 }
 TOL = dict(rtol=0, atol=1e-5)
+# onnxruntime's kernels sum in their own order: measured up to 7e-6 on ResNet-18 features of size ~8 (64 images),
+# so 1e-5 relative to the feature besides 1e-5 absolute
+ONNX_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +182,9 @@ def test_onnx_runs_in_onnxruntime_with_a_dynamic_batch(name, with_projector, run
     for batch in (3, 1):  # traced at batch 2
         outs = session.run(None, {"images": x[:batch].numpy()})
         for got, want in zip(outs, refs, strict=True):
-            torch.testing.assert_close(torch.from_numpy(got), want[:batch], **TOL)
+            torch.testing.assert_close(torch.from_numpy(got), want[:batch], **ONNX_TOL)
     scope = run_recipe(recipe, x)
-    torch.testing.assert_close(torch.from_numpy(scope["h"]), refs[0], **TOL)
+    torch.testing.assert_close(torch.from_numpy(scope["h"]), refs[0], **ONNX_TOL)
 
 
 def test_torchvision_of_a_convnet_run_is_one_line_naming_the_formats_that_work(runs, tmp_path, capsys):
@@ -208,3 +211,20 @@ def test_an_unwritable_out_path_is_one_line(runs, tmp_path, capsys):
     assert main(["export", str(runs("convnet")), "--format", "torchscript", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"--out {out}: cannot write it" in err and "writable folder" in err
+
+
+def test_the_readme_torchvision_lines_load_the_export(runs, images, tmp_path):
+    """README's "Use the encoder elsewhere" block, run as written (with the file name pointed at a real export)."""
+    import re
+
+    import torchvision
+
+    section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Use the encoder elsewhere")[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert block.count("\n") == 3 and "strict=True" in block  # three lines
+    path = tmp_path / "resnet18.pt"
+    export(open_run(runs("resnet18_plain")), fmt="torchvision", out=path)
+    scope = {"torch": torch, "torchvision": torchvision}
+    exec(block.replace('"resnet18.pt"', repr(str(path))), scope)
+    x, h = reference(runs("resnet18_plain"), images)
+    torch.testing.assert_close(scope["model"].eval()(x), h, **TOL)
