@@ -165,15 +165,3 @@ def test_a_vit_input_side_must_match_the_views():
     with pytest.raises(ConfigError, match=r"model\.timm_img_size: 32 differs from the 28-pixel views of "
                                           r"data\.views=simclr_small; set model\.timm_img_size=28"):
         load_config(None, [*vit, "model.timm_img_size=32"])
-
-
-@pytest.mark.parametrize("name", ["wandb", "mlflow"])
-def test_a_logger_whose_package_is_missing_names_the_extra(name, monkeypatch):
-    import sys
-
-    from protoclr.errors import MissingExtra
-
-    monkeypatch.setitem(sys.modules, name, None)  # as if not installed (find_spec then answers None)
-    with pytest.raises(MissingExtra, match=rf"trainer\.loggers={name} needs the {name} package.*"
-                                           rf"pip install 'protoclr\[{name}\]'"):
-        load_config(None, [f"trainer.loggers=[{name}]"])

@@ -38,6 +38,20 @@ def test_the_logger_table_and_the_config_name_the_same_loggers():
     assert set(LOGGERS) == set(config_module.LOGGERS)
 
 
+@pytest.mark.parametrize("name", ["wandb", "mlflow"])
+def test_a_logger_whose_package_is_missing_names_the_extra_when_the_run_starts(name, tmp_path, monkeypatch):
+    import sys
+
+    from protoclr.errors import MissingExtra
+    from protoclr.train import setup_fabric
+
+    monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    cfg = load_config(None, [f"trainer.loggers=[{name}]"])  # a config (or a saved run) naming it still loads
+    with pytest.raises(MissingExtra, match=rf"^trainer\.loggers={name} needs the {name} package, which is not "
+                                           rf"installed: pip install 'protoclr\[{name}\]'$"):
+        setup_fabric(cfg, tmp_path / "run")
+
+
 def test_flat_config_joins_section_and_key():
     assert flat_config({"optim": {"base_lr": 0.3, "betas": [0.9, 0.99]}, "a": {"b": {"c": 1}}}) == {
         "optim.base_lr": 0.3, "optim.betas": [0.9, 0.99], "a.b.c": 1}

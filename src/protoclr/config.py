@@ -23,7 +23,6 @@ from typing import Any
 
 import yaml
 
-from protoclr import extras
 from protoclr.data import DATASETS
 from protoclr.errors import ConfigError
 from protoclr.models import check_backbone
@@ -31,8 +30,8 @@ from protoclr.views import MODIFIERS, PRESETS, config_view_spec
 
 # target.name values (the loop in protoclr.train implements each; docs/training.md describes them)
 TARGETS = ("shared", "stop_gradient", "momentum", "multi_view_mean")
-# trainer.loggers values -> the package each needs beyond protoclr's own (protoclr.train.setup_fabric builds them)
-LOGGERS: dict[str, str | None] = {"tensorboard": None, "csv": None, "wandb": "wandb", "mlflow": "mlflow"}
+# trainer.loggers values (protoclr.train.LOGGERS builds each; wandb and mlflow need their extras)
+LOGGERS = ("tensorboard", "csv", "wandb", "mlflow")
 
 
 @dataclass
@@ -314,11 +313,11 @@ class Config:
             raise ConfigError(f"model.timm_img_size: {m.timm_img_size} differs from the {spec.size}-pixel views of "
                               f"data.views={d.views}; set model.timm_img_size={spec.size}")
         check_backbone(m.backbone)  # timm names: against timm.list_models(), no model built
+        # a logger's package is checked when the logger is built (protoclr.train.setup_fabric), not here: a run
+        # logged to W&B must still load (evaluate, export) where wandb is not installed
         for name in self.trainer.loggers:
             if name not in LOGGERS:
                 raise ConfigError(f"trainer.loggers: unknown logger {name!r}; choose from {', '.join(LOGGERS)}")
-            if LOGGERS[name] is not None:
-                extras.check(LOGGERS[name], why=f"trainer.loggers={name}")
         return self
 
 
