@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,8 @@ def _wandb_records(path: Path) -> list:
             pos += block - pos % block
             continue
         _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + n > len(data):  # a record still being written
+            break
         piece += data[pos + 7:pos + 7 + n]
         pos += 7 + n
         if kind in (1, 4):
@@ -91,7 +94,13 @@ def test_wandb_offline_gets_the_config_and_the_final_epoch_record(tmp_path, monk
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     run, config, last = _run(tmp_path, "wandb")
     (run_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")  # offline, inside the run folder
+    # wandb's service process writes the file on its own schedule: wait for the run's last record (exit)
+    deadline = time.monotonic() + 60
     records = _wandb_records(run_file)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, "the W&B run file never got its exit record"
+        time.sleep(0.5)
+        records = _wandb_records(run_file)
     (header,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert header.project == "protoclr" and header.display_name == run.name
     logged = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "config"
@@ -104,7 +113,6 @@ def test_wandb_offline_gets_the_config_and_the_final_epoch_record(tmp_path, monk
             summary.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in r.summary.update})
     for k in ("loss", "lr", "step", "epoch"):
         assert summary[f"epoch/{k}"] == pytest.approx(last[k], rel=1e-12), k
-    assert any(r.WhichOneof("record_type") == "exit" for r in records)  # the run was finished, not left open
 
 
 def test_mlflow_local_store_gets_the_config_and_the_final_epoch_record(tmp_path, monkeypatch, fashion_mnist_dir):
