@@ -2,7 +2,6 @@
 them, so that a missing one is a one-line user error naming the extra instead of a traceback.
 
     timm = require("timm", why="model.backbone=timm/vit_tiny_patch16_224")
-    check("wandb", why="trainer.loggers=[wandb]")     # at config validation: no import, only a look-up
 
 The extras themselves are listed in ``pyproject.toml`` (``[project.optional-dependencies]``); a test checks that
 every entry of :data:`EXTRAS` names one that lists its package.
@@ -11,7 +10,6 @@ every entry of :data:`EXTRAS` names one that lists its package.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from types import ModuleType
 
 from protoclr.errors import MissingExtra
@@ -28,17 +26,6 @@ EXTRAS: dict[str, str] = {
 }
 
 
-def _missing(module: str, why: str) -> MissingExtra:
-    return MissingExtra(f"{why} needs the {module} package, which is not installed: "
-                        f"pip install 'protoclr[{EXTRAS[module]}]'")
-
-
-def check(module: str, *, why: str) -> None:
-    """Raise :class:`~protoclr.errors.MissingExtra` when ``module`` cannot be imported here (nothing is imported)."""
-    if importlib.util.find_spec(module) is None:
-        raise _missing(module, why)
-
-
 def require(module: str, *, why: str) -> ModuleType:
     """``module`` imported, or :class:`~protoclr.errors.MissingExtra` naming ``why`` it is needed and the extra."""
     try:
@@ -46,7 +33,8 @@ def require(module: str, *, why: str) -> ModuleType:
     except ModuleNotFoundError as e:
         if e.name != module:  # the package is there but one of its own dependencies is not: not ours to name
             raise
-        raise _missing(module, why) from None
+        raise MissingExtra(f"{why} needs the {module} package, which is not installed: "
+                           f"pip install 'protoclr[{EXTRAS[module]}]'") from None
 
 
-__all__ = ["EXTRAS", "check", "require"]
+__all__ = ["EXTRAS", "require"]
