@@ -61,6 +61,12 @@ CASES = [
     ("sweep {bad_sweep} --out {junk_db}", "sweep.yaml: not valid YAML"),
     ("views --dataset cifar11", "unknown dataset 'cifar11'"),
     ("views --dataset fashion_mnist --root {folder} --preset nope", "unknown view preset 'nope'"),
+    ("export {folder} --format onnx --out {missing}.onnx", "a_folder holds no checkpoint.pt"),
+    ("export {missing} --format onnx --out {missing}.onnx", "missing.yaml: no such checkpoint file"),
+    ("export {junk} --format torchscript --out {missing}.pt", "junk.pt is not a protoclr checkpoint"),
+    ("export {junk} --format tflite --out {missing}.pt", "--format: unknown format 'tflite'"),
+    ("export {junk} --format onnxx --out {missing}.pt", "did you mean 'onnx'?"),
+    ("export {junk} --format onnx --out {folder}", "a_folder is a folder; pass a file path"),
 ]
 
 

@@ -57,6 +57,13 @@ def test_yaml_then_overrides(tmp_path):
         (["eval.diag_views=1"], "eval.diag_views"),
         (["eval.every=-1"], "eval.every"),
         (["eval.diagnostics=yes please"], "eval.diagnostics"),
+        (["model.backbone=resnet19"], "model.backbone"),
+        (["optim.name=adam"], "optim.name"),
+        (["optim.betas=[0.9]"], "optim.betas"),
+        (["optim.betas=[0.9, 1.0]"], "optim.betas"),
+        (["trainer.loggers=[tensorboard, tb]"], "trainer.loggers"),
+        (["model.timm_img_size=32"], "model.timm_img_size"),  # not a timm backbone
+        (["model.timm_patch_size=4"], "model.timm_patch_size"),
     ],
 )
 def test_errors_name_the_key(overrides, key):
@@ -149,3 +156,12 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
         load_config(None, ["optim.weight_decay=1e-4x"])
     with pytest.raises(ConfigError, match=r"train\.run_name"):
         load_config(None, ["train.run_name=[1e-4]"])
+
+
+def test_a_vit_input_side_must_match_the_views():
+    pytest.importorskip("timm")
+    vit = ["model.backbone=timm/vit_tiny_patch16_224", "model.timm_patch_size=4"]
+    assert load_config(None, [*vit, "model.timm_img_size=28"]).model.timm_img_size == 28  # simclr_small: 28 px
+    with pytest.raises(ConfigError, match=r"model\.timm_img_size: 32 differs from the 28-pixel views of "
+                                          r"data\.views=simclr_small; set model\.timm_img_size=28"):
+        load_config(None, [*vit, "model.timm_img_size=32"])

@@ -99,3 +99,96 @@ def test_convnet_widths_set_depth_and_width():
     enc = build_encoder(ModelConfig(convnet_widths=[16, 48, 40]), in_channels=1)
     convs = [m for m in enc.backbone.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [16, 48, 40] and enc.feature_dim == 40
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timm backbones (model.backbone=timm/<name>) and the decay groups of a ViT
+
+# (timm name, ModelConfig options, F): a ViT at CIFAR resolution, a CNN, and a model whose pooled features pass a
+# head first (MobileNetV3: head_hidden_size 1024 differs from num_features 576)
+TIMM_CASES = [
+    ("vit_tiny_patch16_224", {"timm_img_size": 32, "timm_patch_size": 4}, 192),
+    ("resnet18", {}, 512),
+    ("mobilenetv3_small_050", {}, 1024),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "dim"), TIMM_CASES, ids=[c[0] for c in TIMM_CASES])
+def test_a_timm_backbone_gives_timms_own_pooled_features(name, options, dim):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    enc = build_encoder(ModelConfig(backbone=f"timm/{name}", projector_hidden_dim=32, projector_dim=8, **options),
+                        in_channels=1).eval()
+    x = torch.randn(3, 1, 32, 32)
+    h, z = enc(x)
+    assert h.shape == (3, dim) and enc.feature_dim == dim and z.shape == (3, 8)
+    # the reference: the model as a timm user builds it, with the same weights loaded strictly
+    kw = {k.removeprefix("timm_"): v for k, v in options.items()}
+    ref = timm.create_model(name, pretrained=False, num_classes=0, in_chans=1, **kw).eval()
+    ref.load_state_dict(enc.backbone.state_dict(), strict=True)
+    torch.testing.assert_close(h, ref(x), rtol=0, atol=0)
+
+
+def test_timm_options_a_model_does_not_take_are_a_config_error():
+    pytest.importorskip("timm")
+    from protoclr.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.timm_img_size: timm model 'resnet18' does not take img_size"):
+        build_encoder(ModelConfig(backbone="timm/resnet18", timm_img_size=32), in_channels=3)
+
+
+def test_unknown_backbones_get_the_closest_name():
+    from protoclr.config import ConfigError
+    from protoclr.models import check_backbone
+
+    with pytest.raises(ConfigError, match=r"model\.backbone: unknown backbone 'resnet19'; did you mean 'resnet18'"):
+        check_backbone("resnet19")
+    pytest.importorskip("timm")
+    with pytest.raises(ConfigError, match=r"timm has no model 'vit_tiny_patch16_22'; did you mean "
+                                          r"timm/vit_tiny_patch16_224\?"):
+        check_backbone("timm/vit_tiny_patch16_22")
+    check_backbone("timm/vit_tiny_patch16_224.augreg_in21k")  # a pretrained tag names the same architecture
+
+
+def test_a_timm_backbone_without_timm_names_the_extra(monkeypatch):
+    import sys
+
+    from protoclr.errors import MissingExtra, UserError
+    from protoclr.models import check_backbone
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm sees on import
+    with pytest.raises(MissingExtra, match=r"model\.backbone=timm/resnet18 needs the timm package.*"
+                                           r"pip install 'protoclr\[timm\]'") as e:
+        check_backbone("timm/resnet18")
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+
+
+def test_vit_tokens_and_position_embeddings_get_no_decay_and_no_lars_adaptation():
+    pytest.importorskip("timm")
+    enc = build_encoder(ModelConfig(backbone="timm/vit_tiny_patch16_224", timm_img_size=32, timm_patch_size=4,
+                                    projector_hidden_dim=32, projector_dim=8), in_channels=3)
+    decay, no_decay = param_groups(enc, weight_decay=0.05)
+    names = {id(p): n for n, p in enc.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"backbone.cls_token", "backbone.pos_embed"} <= exempt and no_decay["lars_exclude"]
+    # 3-D and 4-D layer weights still decay: the patch embedding conv and the attention projections
+    assert {"backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight"} <= decayed
+    assert not decay["lars_exclude"] and all(p.ndim >= 2 for p in decay["params"])
+    assert len(exempt) + len(decayed) == len(names)
+
+
+def test_parameters_a_module_declares_decay_free_join_the_exempt_group():
+    class Net(nn.Module):  # timm's convention: no_weight_decay() names parameters relative to the module
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.zeros(4, 4))
+            self.proj = nn.Linear(4, 4)
+
+        def no_weight_decay(self):
+            return {"table"}
+
+    wrapper = nn.Sequential(Net())
+    decay, no_decay = param_groups(wrapper, weight_decay=0.1)
+    assert [p.shape for p in no_decay["params"]] == [(4, 4), (4,)]  # the table and the bias
+    assert [p.shape for p in decay["params"]] == [(4, 4)] and decay["params"][0] is wrapper[0].proj.weight

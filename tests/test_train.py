@@ -376,3 +376,47 @@ def test_local_views_progressive_sizes_and_bf16_reach_the_encoder_and_loss(tmp_p
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if r["kind"] == "step")
     assert "bf16-mixed" in (run / "meta.json").read_text()
+
+
+def test_adamw_decays_weights_only_and_decoupled():
+    """With zero gradients Adam's update is 0, so one AdamW step is the decoupled decay alone: p <- p (1 - lr wd)
+    for layer weights, nothing for biases, norms, a ViT's class token and position embeddings."""
+    from protoclr.config import ModelConfig, OptimConfig
+    from protoclr.train import build_optimizer
+
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    enc = build_encoder(ModelConfig(backbone="timm/vit_tiny_patch16_224", timm_img_size=16, timm_patch_size=8,
+                                    projector_hidden_dim=16, projector_dim=8), in_channels=1)
+    opt = build_optimizer(enc, OptimConfig(name="adamw", weight_decay=0.1, betas=[0.8, 0.9]), lr=0.5)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.8, 0.9)
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    for p in enc.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    after = dict(enc.named_parameters())
+    for n in ("backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight", "projector.net.0.weight"):
+        torch.testing.assert_close(after[n].detach(), before[n] * (1 - 0.5 * 0.1), msg=n)
+    for n in ("backbone.cls_token", "backbone.pos_embed", "backbone.norm.weight", "backbone.blocks.0.attn.qkv.bias"):
+        torch.testing.assert_close(after[n].detach(), before[n], rtol=0, atol=0, msg=n)
+
+
+def test_the_vit_tiny_config_dry_runs_and_trains_a_few_steps(tmp_path, capsys, fashion_mnist_dir):
+    """configs/cifar10_vit_tiny.yaml: its dry run (fake CIFAR-sized data, no dataset needed), then 2 real steps of
+    the same recipe on a Fashion-MNIST subset (28 px gray views, so img_size 28; the CIFAR copy may be absent)."""
+    pytest.importorskip("timm")
+    config = REPO / "configs" / "cifar10_vit_tiny.yaml"
+    assert cli_main(["--config", str(config), "--dry-run", "trainer.progress=false", "trainer.precision=32-true",
+                     "model.projector_hidden_dim=64"]) == 0
+    assert "dry run ok: built timm/vit_tiny_patch16_224" in capsys.readouterr().out
+    cfg = load_config(config, ["data.dataset=fashion_mnist", "data.views=simclr_small", "model.timm_img_size=28",
+                               "data.train_subset=32", "train.batch_size=16", "train.steps=2", "eval.every=0",
+                               "trainer.progress=false", "trainer.loggers=[]", "trainer.precision=32-true",
+                               "model.projector_hidden_dim=64", f"train.out_dir={tmp_path}", "train.run_name=vit"])
+    run = pretrain(cfg)
+    state = ckpt.load(run / "checkpoint.pt")
+    assert state["step"] == 2 and "backbone.pos_embed" in state["model"]
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.05  # AdamW's two groups resumed as saved
+    encoder, _ = load_run(run)
+    h, _ = encoder(torch.randn(2, 1, 28, 28))
+    assert h.shape == (2, 192) and torch.isfinite(h).all()

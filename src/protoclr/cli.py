@@ -12,6 +12,7 @@ status 2; ``--debug`` anywhere on the command line, or ``PROTOCLR_DEBUG=1``, sho
     protoclr evaluate RUN_DIR --knn --linear cached
     protoclr diagnose RUN_DIR
     protoclr views --dataset cifar10_zip --preset simclr_cifar --out grid.png
+    protoclr export RUN_DIR --format torchvision --out resnet18.pt
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "views": ("protoclr.views", "cli_main", "save a grid of images and their augmented views"),
     "sweep": ("protoclr.sweep", "cli_main", "grid x seeds of pretraining + evaluation runs, local workers or SLURM"),
     "report": ("protoclr.report", "cli_main", "HTML + markdown report of a runs.db against the paper's numbers"),
+    "export": ("protoclr.export", "cli_main", "write a run's encoder for torchvision, safetensors, TorchScript, ONNX"),
 }
 
 

@@ -24,15 +24,14 @@ from typing import Any
 import yaml
 
 from protoclr.data import DATASETS
-from protoclr.errors import UserError
+from protoclr.errors import ConfigError
+from protoclr.models import check_backbone
 from protoclr.views import MODIFIERS, PRESETS, config_view_spec
 
 # target.name values (the loop in protoclr.train implements each; docs/training.md describes them)
 TARGETS = ("shared", "stop_gradient", "momentum", "multi_view_mean")
-
-
-class ConfigError(UserError, ValueError):
-    """A config key that is unknown, has the wrong type, or is out of range (the message names the key)."""
+# trainer.loggers values (protoclr.train.LOGGERS builds each; wandb and mlflow need their extras)
+LOGGERS = ("tensorboard", "csv", "wandb", "mlflow")
 
 
 @dataclass
@@ -70,7 +69,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "convnet"  # resnet18 | resnet50 | convnet (protoclr.models.BACKBONES)
+    # resnet18 | resnet50 | convnet (protoclr.models.BACKBONES), or timm/<name>: any timm model that returns pooled
+    # features (pip install 'protoclr[timm]'; built with pretrained=False, num_classes=0; it keeps its own norm
+    # layers and stem, so model.norm sets the projector's norm only and small_images / convnet_widths do nothing)
+    backbone: str = "convnet"
     # convnet: output channels of its stages (3x3 conv -> norm -> ReLU, max-pool between stages): the number of
     # entries is the depth, the values the width. Cost grows with width squared: [64, 128, 256, 512] is ~2.7x
     # slower than the default on a CPU.
@@ -81,6 +83,10 @@ class ModelConfig:
     projector_hidden_dim: int = 512  # hidden width (SimCLR uses the backbone's width: 2048 for ResNet-50)
     projector_dim: int = 128  # output dim D of z
     projector_last_norm: bool = False  # norm layer after the last linear (SimCLR v2 style)
+    # timm backbones that take them (ViTs): input side and patch side in pixels; 0 = the model's own (224, 16 for
+    # vit_tiny_patch16_224). A ViT's input side must equal the views' size: 32 with 4-pixel patches for CIFAR.
+    timm_img_size: int = 0
+    timm_patch_size: int = 0
 
 
 @dataclass
@@ -117,11 +123,14 @@ class TargetConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd (momentum, the paper's default) | lars
+    name: str = "sgd"  # sgd (momentum, the paper's default) | lars | adamw (decoupled weight decay; ViTs)
     base_lr: float = 0.3  # learning rate per 256 images: lr = base_lr * batch_size / 256
     lr_scaling: str = "linear"  # linear (base_lr * B / 256) | sqrt (base_lr * sqrt(B), SimCLR's small-batch rule)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # on conv/linear weights only; never on biases and norm parameters
+    momentum: float = 0.9  # sgd, lars
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw: (beta1, beta2); DINO's ViTs: 0.9, 0.999
+    # on conv/linear weights only; never on biases, norm parameters, ViT tokens and position embeddings
+    # (protoclr.models.param_groups). adamw: decoupled, typically 0.04-0.05 for ViTs
+    weight_decay: float = 5e-4
     warmup_epochs: float = 0.2  # linear warmup from 0, then cosine decay to final_lr_ratio * lr
     final_lr_ratio: float = 0.0
     lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017)
@@ -184,7 +193,12 @@ class TrainerConfig:
     num_threads: int = 0  # torch intra-op threads per process; 0 = torch's default (the core count)
     compile: bool = False  # torch.compile the encoder
     sync_batchnorm: bool = True  # convert BatchNorm to SyncBatchNorm when world size > 1 (GPU only)
-    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "csv"])  # plus metrics.jsonl, always
+    # any of LOGGERS; metrics.jsonl and runs.db are always written. wandb (pip install 'protoclr[wandb]') runs
+    # offline into <run>/wandb unless WANDB_MODE or WANDB_API_KEY is set (then as they say; WANDB_PROJECT names
+    # the project, default protoclr); mlflow (pip install 'protoclr[mlflow]') writes to MLFLOW_TRACKING_URI, else
+    # to sqlite:///<run>/mlflow.db (MLFLOW_EXPERIMENT_NAME, default protoclr). Each gets the resolved config
+    # (flattened keys: optim.base_lr) and every step and epoch record (train/*, epoch/*).
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "csv"])
     progress: bool = True  # live progress bar
 
 
@@ -232,6 +246,11 @@ class Config:
             ("model.projector_layers", m.projector_layers >= 0, "must be >= 0"),
             ("model.projector_hidden_dim", m.projector_hidden_dim >= 1, "must be >= 1"),
             ("model.projector_dim", m.projector_dim >= 1, "must be >= 1"),
+            ("model.timm_img_size", m.timm_img_size == 0 or (m.timm_img_size >= 1 and m.backbone.startswith("timm/")),
+             "is for timm backbones (model.backbone=timm/<name>) and must be >= 0"),
+            ("model.timm_patch_size", m.timm_patch_size == 0 or (m.timm_patch_size >= 1
+                                                                  and m.backbone.startswith("timm/")),
+             "is for timm backbones (model.backbone=timm/<name>) and must be >= 0"),
             ("loss.temperature", lo.temperature > 0, "must be > 0"),
             ("loss.alpha", lo.alpha > 0, "must be > 0"),
             ("loss.lam", lo.lam >= 0, "must be >= 0"),
@@ -241,7 +260,9 @@ class Config:
             ("loss.scale", lo.scale in ("preset", "none", "inverse_alpha"), "must be preset, none or inverse_alpha"),
             ("loss.chunk_size", lo.chunk_size >= 0, "must be >= 0"),
             ("loss.prototype_momentum", 0 <= lo.prototype_momentum < 1, "must be in [0, 1)"),
-            ("optim.name", o.name in ("sgd", "lars"), "must be sgd or lars"),
+            ("optim.name", o.name in ("sgd", "lars", "adamw"), "must be sgd, lars or adamw"),
+            ("optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             "must be [beta1, beta2], each in [0, 1)"),
             ("optim.base_lr", o.base_lr >= 0, "must be >= 0 (a learning rate cannot be negative)"),
             ("optim.lr_scaling", o.lr_scaling in ("linear", "sqrt"), "must be linear or sqrt"),
             ("optim.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
@@ -294,9 +315,18 @@ class Config:
             if mod not in MODIFIERS:
                 raise ConfigError(f"data.view_modifiers: unknown modifier {mod!r}; choose from {', '.join(MODIFIERS)}")
         try:
-            config_view_spec(d)
+            spec = config_view_spec(d)
         except ValueError as e:
             raise ConfigError(f"data.view_overrides: {e}") from None
+        if m.timm_img_size and m.timm_img_size != spec.size:
+            raise ConfigError(f"model.timm_img_size: {m.timm_img_size} differs from the {spec.size}-pixel views of "
+                              f"data.views={d.views}; set model.timm_img_size={spec.size}")
+        check_backbone(m.backbone)  # timm names: against timm.list_models(), no model built
+        # a logger's package is checked when the logger is built (protoclr.train.setup_fabric), not here: a run
+        # logged to W&B must still load (evaluate, export) where wandb is not installed
+        for name in self.trainer.loggers:
+            if name not in LOGGERS:
+                raise ConfigError(f"trainer.loggers: unknown logger {name!r}; choose from {', '.join(LOGGERS)}")
         return self
 
 
@@ -448,6 +478,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 __all__ = [
+    "LOGGERS",
     "TARGETS",
     "Config",
     "ConfigError",

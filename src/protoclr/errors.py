@@ -16,6 +16,10 @@ class UnknownChoice(UserError, ValueError):
     """A name that is not in the table it must come from (a dataset, split, preset)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config key that is unknown, has the wrong type, or is out of range (the message names the key)."""
+
+
 class DatasetNotFound(UserError, FileNotFoundError):
     """A dataset that is neither on disk nor obtainable here."""
 
@@ -28,4 +32,9 @@ class NotADatabase(UserError):
     """A file given as ``runs.db`` that is not a protoclr results database (or holds no tables yet)."""
 
 
-__all__ = ["DatasetNotFound", "NotACheckpoint", "NotADatabase", "UnknownChoice", "UserError"]
+class MissingExtra(UserError, ImportError):
+    """An optional package a feature needs is not installed (the message names the ``protoclr[extra]``)."""
+
+
+__all__ = ["ConfigError", "DatasetNotFound", "MissingExtra", "NotACheckpoint", "NotADatabase", "UnknownChoice",
+           "UserError"]

@@ -9,13 +9,16 @@ similarity ablation needs the raw outputs.
 
 Backbones (``BACKBONES``): torchvision's ``resnet18`` / ``resnet50`` with an optional CIFAR stem
 (``small_images=True``: 3x3 conv, stride 1, no max-pool, as in SimCLR's CIFAR-10 experiments), and a small
-``convnet`` sized to train at a useful speed on a laptop CPU. The projector is SimCLR v2's MLP: hidden layers
-``Linear -> BatchNorm -> ReLU``, then a final ``Linear`` (Chen et al. 2020, "Big self-supervised models are
-strong semi-supervised learners"; the paper's default is 3 layers).
+``convnet`` sized to train at a useful speed on a laptop CPU. Any timm model that returns pooled features is
+``timm/<name>`` (``pip install 'protoclr[timm]'``): ``timm.create_model(name, pretrained=False, num_classes=0)``,
+with ``model.timm_img_size`` / ``model.timm_patch_size`` for ViTs at CIFAR resolution. The projector is SimCLR
+v2's MLP: hidden layers ``Linear -> BatchNorm -> ReLU``, then a final ``Linear`` (Chen et al. 2020, "Big
+self-supervised models are strong semi-supervised learners"; the paper's default is 3 layers).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -23,6 +26,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 import torchvision
+
+from protoclr import extras
+from protoclr.errors import ConfigError
 
 if TYPE_CHECKING:
     from protoclr.config import ModelConfig
@@ -94,6 +100,48 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet50": _resnet(50),
     "convnet": _convnet,
 }
+TIMM_PREFIX = "timm/"  # model.backbone=timm/<name>: a timm model, outside the table above
+
+
+def timm_backbone(name: str, *, in_channels: int, img_size: int = 0, patch_size: int = 0) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)``: the timm model whose
+    ``forward`` returns its pooled (pre-logits) features ``(B, F)``; ``img_size`` / ``patch_size`` (0 = the
+    model's own) for models that take them (ViTs: ``vit_tiny_patch16_224`` at 32 px with 4 px patches).
+    Never downloads weights."""
+    timm = extras.require("timm", why=f"model.backbone={TIMM_PREFIX}{name}")
+    options = {k: v for k, v in (("img_size", img_size), ("patch_size", patch_size)) if v}
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels, **options)
+    except TypeError as e:  # a model whose constructor has no img_size / patch_size
+        keys = ", ".join(f"model.timm_{k}" for k in options)
+        raise ConfigError(f"{keys}: timm model {name!r} does not take {', '.join(options)} ({e}); set "
+                         f"{'them' if len(options) > 1 else 'it'} to 0") from None
+
+
+def check_backbone(name: str) -> None:
+    """Raise :class:`~protoclr.errors.ConfigError` naming ``model.backbone`` (with the closest known name) for a
+    backbone that is neither in :data:`BACKBONES` nor a timm model (``timm/<name>``, checked with
+    ``timm.is_model``, no model built); :class:`~protoclr.errors.MissingExtra` when timm is not installed."""
+    if name in BACKBONES:
+        return
+    if not name.startswith(TIMM_PREFIX):
+        close = difflib.get_close_matches(name, list(BACKBONES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"model.backbone: unknown backbone {name!r}; {hint}choose one of "
+                         f"{', '.join(sorted(BACKBONES))} or {TIMM_PREFIX}<a timm model name>")
+    arch = name[len(TIMM_PREFIX):].split(".")[0]  # a pretrained tag (name.tag) means nothing without weights
+    timm = extras.require("timm", why=f"model.backbone={name}")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=1)
+        hint = f"; did you mean {TIMM_PREFIX}{close[0]}?" if close else "; timm.list_models() lists the names"
+        raise ConfigError(f"model.backbone: timm has no model {arch!r}{hint}")
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """F, the width of the backbone's features: timm's ``head_hidden_size`` where a model has one that differs
+    from ``num_features`` (the pooled features pass a head MLP or conv first, e.g. MobileNetV3), else
+    ``num_features``."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
 class Projector(nn.Module):
@@ -139,7 +187,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.projector = projector
-        self.feature_dim: int = backbone.num_features
+        self.feature_dim: int = feature_dim(backbone)
         self.out_dim: int = projector.out_dim
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,15 +202,19 @@ class Encoder(nn.Module):
 
 
 def build_encoder(cfg: ModelConfig, *, in_channels: int) -> Encoder:
-    """The encoder described by ``cfg`` (see :class:`protoclr.config.ModelConfig`) for ``in_channels`` input."""
-    if cfg.backbone not in BACKBONES:
-        raise ValueError(f"model.backbone: unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
-    extra = {"widths": tuple(cfg.convnet_widths)} if cfg.backbone == "convnet" else {}
-    backbone = BACKBONES[cfg.backbone](
-        in_channels=in_channels, small_images=cfg.small_images, norm_layer=NORMS[cfg.norm], **extra
-    )
+    """The encoder described by ``cfg`` (see :class:`protoclr.config.ModelConfig`) for ``in_channels`` input.
+    A timm backbone keeps its own norm layers (``model.norm`` then sets the projector's only)."""
+    check_backbone(cfg.backbone)
+    if cfg.backbone.startswith(TIMM_PREFIX):
+        backbone = timm_backbone(cfg.backbone[len(TIMM_PREFIX):], in_channels=in_channels,
+                                 img_size=cfg.timm_img_size, patch_size=cfg.timm_patch_size)
+    else:
+        extra = {"widths": tuple(cfg.convnet_widths)} if cfg.backbone == "convnet" else {}
+        backbone = BACKBONES[cfg.backbone](
+            in_channels=in_channels, small_images=cfg.small_images, norm_layer=NORMS[cfg.norm], **extra
+        )
     projector = Projector(
-        backbone.num_features,
+        feature_dim(backbone),
         hidden_dim=cfg.projector_hidden_dim,
         out_dim=cfg.projector_dim,
         num_layers=cfg.projector_layers,
@@ -172,14 +224,33 @@ def build_encoder(cfg: ModelConfig, *, in_channels: int) -> Encoder:
     return Encoder(backbone, projector)
 
 
+# Parameters that are not layer weights although they have 2 or more dims: a ViT's class / distillation /
+# register tokens and position embeddings (timm's names; its models list them in ``no_weight_decay()`` too).
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "dist_token", "reg_token")
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that modules of ``model`` declare weight-decay free (timm's
+    ``no_weight_decay()``, names relative to the module that declares them)."""
+    out: set[str] = set()
+    for prefix, m in model.named_modules():
+        declared = getattr(m, "no_weight_decay", None)
+        if callable(declared):
+            out |= {f"{prefix}.{n}" if prefix else n for n in declared()}
+    return out
+
+
 def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
-    """Two optimizer groups: weights of conv/linear layers get ``weight_decay``; biases and norm parameters
-    (every parameter with fewer than 2 dims) get none and are also excluded from LARS adaptation
-    (``lars_exclude=True``), as in SimCLR / BYOL."""
+    """Two optimizer groups: weights of conv/linear layers get ``weight_decay``; biases, norm parameters (every
+    parameter with fewer than 2 dims), ViT tokens and position embeddings (:data:`NO_DECAY_NAMES`, and what a
+    timm model's ``no_weight_decay()`` lists) get none and are also excluded from LARS adaptation
+    (``lars_exclude=True``), as in SimCLR / BYOL and timm / DINO for ViTs."""
+    declared = _no_decay_names(model)
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            exempt = p.ndim < 2 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES or name in declared
+            (no_decay if exempt else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
         {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},

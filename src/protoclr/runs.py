@@ -26,7 +26,7 @@ import json
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -116,21 +116,44 @@ class MetricsLog:
         self.file.close()
 
 
+def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as one level of ``section.key`` names (``{"optim.base_lr": 0.3, ...}``): what the
+    experiment trackers get as hyperparameters."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        out.update(flat_config(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 class Recorder:
     """What a run writes besides its checkpoints, on the process that writes (``enabled``): ``config.yaml`` and
-    ``meta.json`` at the start, ``metrics.jsonl`` records, the run's ``runs.db`` row and epoch rows, the loggers'
-    scalars (``log_dict(metrics, step=)``, Fabric's) and one console line per epoch (``say``)."""
+    ``meta.json`` at the start, ``metrics.jsonl`` records, the run's ``runs.db`` row and epoch rows, one console
+    line per epoch (``say``), and to the Lightning ``loggers`` (TensorBoard, CSV, W&B, MLflow) the resolved config
+    as hyperparameters, every step and epoch record as scalars, and the run's end (``finalize``)."""
 
-    def __init__(self, run_dir: Path, cfg: Any, *, enabled: bool, log_dict: Callable[..., None],
+    def __init__(self, run_dir: Path, cfg: Any, *, enabled: bool, loggers: Sequence[Any] = (),
                  say: Callable[[str], None] = print, meta: dict[str, Any] | None = None,
                  resume_step: int | None = None, resume_epoch: int = 0):
-        self.run_dir, self.enabled, self.log_dict, self.say = run_dir, enabled, log_dict, say
+        self.run_dir, self.enabled, self.say = run_dir, enabled, say
+        self.loggers = list(loggers) if enabled else []
         self.db, self.log = None, None
         if enabled:
             write_run_files(run_dir, config_yaml=cfg.to_yaml(), meta=meta or {})
             self.db = ResultsDB(Path(cfg.train.out_dir) / "runs.db")
             self.db.start_run(run_dir.name, config=cfg.to_dict(), run_dir=run_dir)
             self.log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step, resume_epoch=resume_epoch)
+        # Lightning's loggers drop an empty list (read as a list of dicts to flatten): it is sent as "[]"
+        params = {k: "[]" if v == [] else v for k, v in flat_config(cfg.to_dict()).items()}
+        for logger in self.loggers:
+            try:
+                logger.log_hyperparams(params)
+            except NotImplementedError:  # Lightning's CSV logger takes none; config.yaml holds them
+                pass
+
+    def log_dict(self, metrics: dict[str, Any], *, step: int) -> None:
+        """Scalars to every logger (the trackers show the last value of each key as the run's summary)."""
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def event(self, record: dict[str, Any]) -> None:
         """A ``metrics.jsonl`` record (``kind``: step, skip, diverged)."""
@@ -151,10 +174,15 @@ class Recorder:
         self.say(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
     def finish(self, status: str, final: dict[str, Any], message: str | None = None) -> None:
+        """The run's end: its status and final metrics (the last epoch record) in ``runs.db``; the loggers
+        finalized, the trackers' runs marked finished (``finished``, or ``interrupted`` by ``train.max_steps`` or
+        the user: resumable) or failed (``diverged``, ``failed``)."""
         if self.db is not None:
             self.db.finish_run(self.run_dir.name, status, final, message=message)
         if self.log is not None:
             self.log.close()
+        for logger in self.loggers:
+            logger.finalize("success" if status in ("finished", "interrupted") else "failed")
 
 
 def load_run(path: str | Path, *, map_location: Any = "cpu") -> tuple[Any, Any]:
@@ -541,6 +569,6 @@ def read_all(db_path: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, A
 
 
 __all__ = ["RESUME_FIXED", "STATUSES", "TABLES", "MetricsLog", "Recorder", "ResultsDB", "beat", "check_resumable",
-           "claim_run", "connect", "copy_sweep_rows", "create_schema", "git_commit", "has_schema", "load_run",
-           "merge_databases", "read_all", "register_runs", "release_run", "reopen_finished", "run_name", "run_spec",
-           "set_run_spec", "sweep_rows", "transaction", "write_run_files"]
+           "claim_run", "connect", "copy_sweep_rows", "create_schema", "flat_config", "git_commit", "has_schema",
+           "load_run", "merge_databases", "read_all", "register_runs", "release_run", "reopen_finished", "run_name",
+           "run_spec", "set_run_spec", "sweep_rows", "transaction", "write_run_files"]

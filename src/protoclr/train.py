@@ -27,6 +27,7 @@ import argparse
 import copy
 import logging
 import math
+import os
 import random
 import shutil
 import sys
@@ -41,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import protoclr
-from protoclr import checkpoint, runs, splits
+from protoclr import checkpoint, extras, runs, splits
 from protoclr.config import Config, ConfigError, OptimConfig, load_config
 from protoclr.distributed import all_gather_no_grad
 from protoclr.losses import config_options, contrastive_loss, supervised_prototype_loss
@@ -87,10 +88,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, *, lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum) or LARS over two groups: decayed weights, and biases/norm parameters with no decay."""
+    """SGD (momentum), LARS or AdamW (Loshchilov & Hutter 2019: decoupled weight decay) over two groups
+    (``models.param_groups``): decayed weights, and biases / norm parameters / ViT tokens with no decay."""
     groups = param_groups(model, weight_decay=cfg.weight_decay)
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.betas[0], cfg.betas[1]))
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
 
 
@@ -117,9 +121,56 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def _tensorboard(run_dir: Path) -> Any:
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    # no hp_metric placeholder scalar next to the hyperparameters
+    return TensorBoardLogger(root_dir=run_dir, name="tensorboard", version="", default_hp_metric=False)
+
+
+def _csv(run_dir: Path) -> Any:
+    from lightning.fabric.loggers import CSVLogger
+
+    # one csv/version_N per launch: the CSV logger rewrites an existing file, so a resume gets its own
+    return CSVLogger(root_dir=run_dir, name="csv")
+
+
+def _wandb(run_dir: Path) -> Any:
+    extras.require("wandb", why="trainer.loggers=wandb")
+    from lightning.pytorch.loggers import WandbLogger  # Fabric takes Lightning's loggers; it has no W&B one
+
+    # offline (no account, no network; `wandb sync <run>/wandb/offline-run-*` uploads later) unless the user
+    # chose a mode or gave a key
+    offline = not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"))
+
+    class Logger(WandbLogger):
+        def finalize(self, status: str) -> None:
+            super().finalize(status)
+            if self._experiment is not None:  # else the next run in this process would join this one
+                self._experiment.finish(exit_code=0 if status == "success" else 1)
+
+    return Logger(save_dir=str(run_dir), name=run_dir.name, offline=offline,
+                  project=os.environ.get("WANDB_PROJECT", "protoclr"))
+
+
+def _mlflow(run_dir: Path) -> Any:
+    extras.require("mlflow", why="trainer.loggers=mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    # MLflow 3 refuses its plain-file store; a SQLite file in the run folder is the local store that needs no server
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+    return MLFlowLogger(experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "protoclr"), run_name=run_dir.name,
+                        tracking_uri=uri, artifact_location=(run_dir.resolve() / "mlartifacts").as_uri())
+
+
+# trainer.loggers name -> constructor(run_dir); the names and their packages are config.LOGGERS
+LOGGERS: dict[str, Callable[[Path], Any]] = {"tensorboard": _tensorboard, "csv": _csv, "wandb": _wandb,
+                                             "mlflow": _mlflow}
+
+
 def setup_fabric(cfg: Config, run_dir: Path | None):
     """``(fabric, on_gpu)``: Lightning Fabric for ``cfg.trainer`` (``precision=auto`` resolved here), with the
-    TensorBoard / CSV loggers of ``trainer.loggers`` writing into ``run_dir``; ``trainer.num_threads`` applied."""
+    loggers of ``trainer.loggers`` (:data:`LOGGERS`) writing into ``run_dir``; ``trainer.num_threads`` applied."""
     from lightning.fabric import Fabric
 
     t = cfg.trainer
@@ -131,20 +182,9 @@ def setup_fabric(cfg: Config, run_dir: Path | None):
     on_gpu = accelerator in ("cuda", "gpu")
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu or cpu_has_bf16() else "32-true")
     devices: Any = int(t.devices) if t.devices.isdigit() else t.devices
-    loggers = []
-    if run_dir is not None:
-        from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
-
-        for name in t.loggers:
-            if name == "tensorboard":
-                loggers.append(TensorBoardLogger(root_dir=run_dir, name="tensorboard", version=""))
-            elif name == "csv":
-                # one csv/version_N per launch: the CSV logger rewrites an existing file, so a resume gets its own
-                loggers.append(CSVLogger(root_dir=run_dir, name="csv"))
-            else:
-                raise ConfigError(f"trainer.loggers: unknown logger {name!r}; choose from tensorboard, csv")
+    loggers = [LOGGERS[name](run_dir) for name in t.loggers] if run_dir is not None else []
     # Lightning announces its precision plugin at INFO on stderr; the run's own first line says the same
-    for name in ("lightning.fabric", "lightning.pytorch"):
+    for name in ("lightning.fabric", "lightning.pytorch", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
                     precision=precision, loggers=loggers)
@@ -341,7 +381,7 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     monitor = Monitor(cfg, train, test, spec) if cfg.eval.every and not dry_run else None
     options = None if supervised else config_options(cfg.loss)
     precision = str(fabric._connector._precision_input)
-    rec = runs.Recorder(run_dir, cfg, enabled=rank == 0 and not dry_run, log_dict=fabric.log_dict,
+    rec = runs.Recorder(run_dir, cfg, enabled=rank == 0 and not dry_run, loggers=fabric.loggers,
                         say=lambda line: (fabric.print(line), sys.stdout.flush()), resume_epoch=pos.epoch,
                         resume_step=pos.step if state else None, meta=_meta(W, precision, pos.step if state else None))
 
@@ -453,8 +493,6 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
         raise
     # stopped by train.max_steps: resuming continues the schedule
     rec.finish("interrupted" if pos.step < total_steps and not dry_run else "finished", epoch_metrics)
-    for logger in fabric.loggers:
-        logger.finalize("success")
     if dry_run and rank == 0:
         shutil.rmtree(run_dir, ignore_errors=True)
     return run_dir
@@ -549,8 +587,8 @@ def cli_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["LARS", "TrainingDiverged", "build_optimizer", "cli_main", "cpu_has_bf16", "lr_schedule", "pretrain",
-           "setup_fabric"]
+__all__ = ["LARS", "LOGGERS", "TrainingDiverged", "build_optimizer", "cli_main", "cpu_has_bf16", "lr_schedule",
+           "pretrain", "setup_fabric"]
 
 if __name__ == "__main__":
     sys.exit(cli_main(sys.argv[1:]))
