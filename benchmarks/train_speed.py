@@ -14,6 +14,8 @@ rates after warm-up, images per second, each image giving V views):
             cosine logits, lightly's NTXentLoss), SGD; the same autocast as the loop.
   phases    one loop step taken apart with the library's own functions: views, forward + backward, loss,
             optimizer; their sum against the loop's step time says what the bookkeeping costs.
+  monitors  one epoch-end measurement of protoclr.measure.Monitor (kNN on the eval.train_images bank, the online
+            probe, diagnostics if on) against an epoch at the loop's rate: the cost of eval.every=1.
 Targets (issue "learning you can see on a laptop"): loop / ceiling >= 0.9, loop / lightly >= 1.5.
 """
 
@@ -190,6 +192,22 @@ def phases(cfg, train, tv, *, steps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def monitor_cost(cfg, train, test, spec) -> float:
+    """Seconds of one Monitor.measure of the config's encoder (median of 3)."""
+    from protoclr.measure import Monitor
+
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model, in_channels=spec.channels)
+    probe = torch.nn.Linear(encoder.feature_dim, len(train.classes))
+    monitor = Monitor(cfg, train, test, spec)
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        monitor.measure(encoder, probe)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*")
@@ -199,7 +217,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
     tv = train_views(cfg.data)
-    train, _, _ = load_data(cfg)
+    train, test, spec = load_data(cfg)
     B = cfg.train.batch_size
     # interleaved: ceiling, loop, lightly, twice, so that drift on a shared machine hits all three alike
     rates: dict[str, list[float]] = {"loop": [], "ceiling": [], "lightly": []}
@@ -209,6 +227,7 @@ def main() -> None:
         rates["lightly"].append(lightly_style(cfg, train, tv, steps=args.steps, warmup=args.warmup))
     med = {k: statistics.median(v) for k, v in rates.items()}
     parts = phases(cfg, train, tv, steps=max(6, args.steps // 2))
+    t_monitor = monitor_cost(cfg, train, test, spec)
     print(f"config: {args.config} {' '.join(args.overrides)}")
     print(f"  {cfg.model.backbone} {cfg.model.convnet_widths}, batch {B} x ({tv.num_views} views at {tv.spec.size} px"
           f" + {tv.num_local} local), {cfg.loss.name} loss, precision {cfg.trainer.precision}, channels_last "
@@ -225,6 +244,9 @@ def main() -> None:
         print(f"    {k:<28} {1000 * v:7.1f} ms  {100 * v / step:5.1f}%")
     rest = step - total
     print(f"    {'rest (checks, logging, data)':<28} {1000 * rest:7.1f} ms  {100 * rest / step:5.1f}%")
+    epoch = len(train) / med["loop"]
+    print(f"  online monitors: {t_monitor:.1f} s per measurement (kNN bank {cfg.eval.train_images or len(train)}, "
+          f"{cfg.eval.test_images or len(test)} scored) = {100 * t_monitor / epoch:.1f}% of a {epoch:.0f} s epoch")
 
 
 if __name__ == "__main__":
