@@ -297,3 +297,22 @@ def test_tiny_sweep_killed_then_resumed_then_reported(tmp_path, tiny_data):
                     "## Every point"):
         assert heading in md
     assert "(n=2)" in md and json.dumps(str(path))[1:-1] in md
+
+
+def test_named_override_sets_make_points_that_are_not_a_product(tmp_path):
+    path = tmp_path / "sets.yaml"
+    path.write_text("seeds: 2\ngrid:\n  loss.name: [balanced, generalized_nt_xent]\n"
+                    "  point: [{loss.alpha: 2, loss.lam: 1}, {loss.alpha: 4, loss.lam: 2}]\n")
+    specs = S.expand(S.load_sweep_file(path))
+    got = [(r.config["loss"]["name"], r.config["loss"]["alpha"], r.config["loss"]["lam"], r.seed) for r in specs]
+    assert got == [(n, a, lam, s) for n in ("balanced", "generalized_nt_xent") for a, lam in ((2, 1), (4, 2))
+                   for s in (0, 1)]  # 2 names x 2 sets, not the 2 x 2 x 2 product of alpha and lam
+    assert specs[2].point == {"loss.name": "balanced", "loss.alpha": 4, "loss.lam": 2}
+    assert len({r.run_id for r in specs}) == 8
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: {point: [{alpha: 2}]}\n")
+    with pytest.raises(S.SweepError, match=r"grid\.point: a grid key without a dot lists override sets"):
+        S.load_sweep_file(bad)
+    bad.write_text("grid: {point: [{loss.alpha: -1}]}\n")
+    with pytest.raises(S.SweepError, match=r"loss\.alpha: must be > 0"):
+        S.load_sweep_file(bad)

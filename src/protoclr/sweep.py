@@ -15,6 +15,10 @@ A sweep file names its base config and holds only what the sweep changes::
     overrides: {train.epochs: 5, eval.diagnostics: true}   # applied to every run (section.key: value)
     grid: {loss.alpha: [1, 2, 4], loss.lam: [1, 2, 4]}
 
+A grid key without a dot names a list of override sets applied together, for points that are not a product:
+``grid: {loss.name: [balanced, generalized_nt_xent], point: [{loss.alpha: 2, loss.lam: 1}, {loss.alpha: 4,
+loss.lam: 2}]}`` is 2 x 2 points, each set's keys recorded in the point as if they were grid keys.
+
 A run is ``protoclr.train.pretrain`` (folder ``<out>/<run_id>/``, row in ``<out>/runs.db``; per-epoch
 measurements, diagnostics included, come from the loop as the ``eval`` config says) followed by
 ``protoclr.measure.final_metrics`` (weighted kNN and the cached linear probe, merged into the run's final
@@ -166,10 +170,20 @@ def check_sweep(sweep: Sweep, *, where: Any = None) -> Sweep:
     for key, values in sweep.grid.items():
         for v in values:
             try:
-                apply_overrides(config_from_dict(base.to_dict()), [_override(key, v)]).validate()
+                apply_overrides(config_from_dict(base.to_dict()), _point_overrides(key, v)).validate()
             except ConfigError as e:
                 raise SweepError(f"{where(key)}: {e}") from None
     return sweep
+
+
+def _point_overrides(key: str, value: Any) -> list[str]:
+    """``key=value`` for a grid key; for a named set (a key without a dot) one override per key of the mapping."""
+    if "." in key:
+        return [_override(key, value)]
+    if not isinstance(value, dict) or not value or not all("." in str(k) for k in value):
+        raise ConfigError(f"grid.{key}: a grid key without a dot lists override sets, each a mapping of "
+                          f"section.key to a value; got {value!r}")
+    return [_override(str(k), v) for k, v in value.items()]
 
 
 def _base_config(sweep: Sweep) -> Config:
@@ -220,10 +234,12 @@ def expand(sweep: Sweep, *, extra: list[str] | None = None) -> list[RunSpec]:
     keys = list(sweep.grid)
     specs = []
     for combo in itertools.product(*(sweep.grid[k] for k in keys)):
-        point = dict(zip(keys, combo, strict=True))
+        point: dict[str, Any] = {}
+        for k, v in zip(keys, combo, strict=True):
+            point.update(v if "." not in k else {k: v})  # a named set's keys join the point as grid keys do
         for seed in range(sweep.seeds):
-            ov = [*sweep.overrides, *(_override(k, v) for k, v in point.items()), f"train.seed={seed}",
-                  *(extra or [])]
+            grid_ov = [o for k, v in zip(keys, combo, strict=True) for o in _point_overrides(k, v)]
+            ov = [*sweep.overrides, *grid_ov, f"train.seed={seed}", *(extra or [])]
             try:
                 cfg = apply_overrides(config_from_dict(_base_config(replace(sweep, overrides=[])).to_dict()), ov)
                 cfg.validate()
