@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from protoclr import claims as C
 from protoclr import report as R
 from protoclr import sweep as S
 from protoclr.config import Config
@@ -159,7 +160,7 @@ def test_report_every_section_with_traceable_numbers(synthetic_db, tmp_path):
 def test_empty_database_says_so(tmp_path):
     path = S.init_db(tmp_path / "runs.db")
     md = R.write_report(path, tmp_path / "r").read_text()
-    assert md.count("No runs of this study") == 5  # loss_balance, augmentation, similarity, class_balance, targets
+    assert md.count("No runs of this study") == 6  # loss_balance, augmentation, similarity, decoupled, class_balance, targets
     assert "No run in the database recorded per-epoch bound terms" in md
     assert not list((tmp_path / "r").glob("*.png"))
 
@@ -174,17 +175,17 @@ def test_missing_database_is_a_clear_error(tmp_path, capsys):
 def test_t_quantiles_and_paired_interval_against_scipy():
     stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 5, 9, 30, 31, 60, 200):
-        assert R.t975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=2e-3 if df > 30 else 1e-3)
+        assert C.t975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=2e-3 if df > 30 else 1e-3)
     diffs = [1.2, 0.4, 2.0, 0.9, 1.5]
-    m, lo, hi, n = R.paired_interval(diffs)
+    m, lo, hi, n = C.paired_interval(diffs)
     ref = stats.t.interval(0.95, len(diffs) - 1, loc=stats.tmean(diffs), scale=stats.sem(diffs))
     assert (m, n) == (pytest.approx(1.2), 5)
     assert (lo, hi) == (pytest.approx(ref[0], rel=1e-3), pytest.approx(ref[1], rel=1e-3))
-    assert R.verdict(lo, hi, sign=1) == "reproduced" and R.verdict(lo, hi, sign=-1) == "contradicted"
-    assert R.verdict(-0.5, 0.7, sign=1) == "not shown" and R.verdict(-0.5, 0.7, sign=0, margin=1) == "reproduced"
-    assert R.verdict(-0.5, 1.7, sign=0, margin=1) == "not shown"
-    assert R.verdict(1.2, 1.7, sign=0, margin=1) == "contradicted"
-    assert R.paired_interval([0.3])[3] == 1 and math.isnan(R.paired_interval([0.3])[1])
+    assert C.verdict(lo, hi, sign=1) == "reproduced" and C.verdict(lo, hi, sign=-1) == "contradicted"
+    assert C.verdict(-0.5, 0.7, sign=1) == "not shown" and C.verdict(-0.5, 0.7, sign=0, margin=1) == "reproduced"
+    assert C.verdict(-0.5, 1.7, sign=0, margin=1) == "not shown"
+    assert C.verdict(1.2, 1.7, sign=0, margin=1) == "contradicted"
+    assert C.paired_interval([0.3])[3] == 1 and math.isnan(C.paired_interval([0.3])[1])
 
 
 def test_claims_pair_runs_by_seed_and_config(tmp_path):
@@ -200,10 +201,10 @@ def test_claims_pair_runs_by_seed_and_config(tmp_path):
         c.loss.name, c.loss.alpha, c.train.seed = "balanced", 4.0, seed
         _add(path, "g", "loss_balance", {"loss.name": "balanced", "loss.alpha": 4.0}, seed, c, acc=0.9)
     groups, _ = R.load_groups(path)
-    diffs = R.claim_pairs(groups, R.CLAIMS[0])
+    diffs = C.claim_pairs(groups, C.CLAIMS[0])
     assert sorted(diffs) == pytest.approx(sorted(100 * (b - g) for b, g in truth.values()))
-    assert R.claim_pairs(groups, R.CLAIMS[1]) == []  # no generalized run at the balanced loss's scale
+    assert C.claim_pairs(groups, C.CLAIMS[1]) == []  # no generalized run at the balanced loss's scale
     md = R.write_report(path, tmp_path / "r").read_text()
-    m, lo, hi, _ = R.paired_interval(diffs)
+    m, lo, hi, _ = C.paired_interval(diffs)
     assert md.index("## The paper's claims") < md.index("## Against the paper")
     assert f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] (n=3) | not shown |" in md
