@@ -160,7 +160,7 @@ def test_report_every_section_with_traceable_numbers(synthetic_db, tmp_path):
 def test_empty_database_says_so(tmp_path):
     path = S.init_db(tmp_path / "runs.db")
     md = R.write_report(path, tmp_path / "r").read_text()
-    assert md.count("No runs of this study") == 6  # loss_balance, augmentation, similarity, decoupled, class_balance, targets
+    assert md.count("No runs of this study") == 6  # balance, augmentation, similarity, decoupled, classes, targets
     assert "No run in the database recorded per-epoch bound terms" in md
     assert not list((tmp_path / "r").glob("*.png"))
 
