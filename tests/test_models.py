@@ -192,3 +192,14 @@ def test_parameters_a_module_declares_decay_free_join_the_exempt_group():
     decay, no_decay = param_groups(wrapper, weight_decay=0.1)
     assert [p.shape for p in no_decay["params"]] == [(4, 4), (4,)]  # the table and the bias
     assert [p.shape for p in decay["params"]] == [(4, 4)] and decay["params"][0] is wrapper[0].proj.weight
+
+
+def test_convnet_pool_keeps_a_grid_of_the_last_feature_map():
+    torch.manual_seed(0)
+    enc = build_encoder(ModelConfig(convnet_widths=[8, 16], convnet_pool=2, projector_hidden_dim=8, projector_dim=4),
+                        in_channels=1).eval()
+    x = torch.randn(3, 1, 28, 28)
+    fmap = enc.backbone.features(x)  # (3, 16, 14, 14)
+    want = fmap.view(3, 16, 2, 7, 2, 7).mean(dim=(3, 5)).flatten(1)  # the four 7x7 quadrants' means, channel-major
+    torch.testing.assert_close(enc.backbone(x), want)
+    assert enc.feature_dim == 64 and enc(x)[1].shape == (3, 4)

@@ -77,6 +77,7 @@ class ModelConfig:
     # entries is the depth, the values the width. Cost grows with width squared: [64, 128, 256, 512] is ~2.7x
     # slower than the default on a CPU.
     convnet_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    convnet_pool: int = 1  # convnet: output grid of the final average pooling (1 = global; 2 keeps a 2x2 layout)
     small_images: bool = True  # resnet CIFAR stem: 3x3 conv stride 1, no max-pool
     norm: str = "batch"  # batch | group | none, in backbone and projector
     projector_layers: int = 3  # MLP depth (the paper: 3); 0 = identity
@@ -234,6 +235,7 @@ class Config:
             ("data.local_crop_scale", len(d.local_crop_scale) == 2 and 0 < d.local_crop_scale[0]
              <= d.local_crop_scale[1] <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1"),
             ("data.view_sizes", all(s >= 4 for s in d.view_sizes), "every size must be >= 4 pixels"),
+            ("model.convnet_pool", m.convnet_pool >= 1, "must be >= 1 (the pooled output grid's side)"),
             ("model.convnet_widths", len(m.convnet_widths) >= 1 and min(m.convnet_widths) >= 1,
              "must list at least one stage width, each >= 1"),
             ("data.train_subset", d.train_subset >= 0, "must be >= 0"),

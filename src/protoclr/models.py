@@ -66,13 +66,16 @@ def _resnet(depth: int) -> Callable[..., nn.Module]:
 
 
 class ConvNet(nn.Module):
-    """Four 3x3 conv blocks (conv -> norm -> ReLU, max-pool between stages) and global average pooling.
+    """Four 3x3 conv blocks (conv -> norm -> ReLU, max-pool between stages) and average pooling.
 
     Widths ``(32, 64, 128, 256)``; at 28x28 or 32x32 input it trains at roughly a thousand images per second
-    on two CPU cores. ``small_images`` is accepted for a uniform signature; the net has no large-image stem.
+    on two CPU cores (bf16). ``pool``: the output grid of the final average pooling, flattened: 1 (global, the
+    default) gives ``F = widths[-1]`` features, 2 keeps a 2x2 layout (``F = 4 widths[-1]``), which matters where the
+    classes differ by where things are (Fashion-MNIST). ``small_images`` is accepted for a uniform signature.
     """
 
-    def __init__(self, *, in_channels: int, norm_layer: NormLayer, widths: tuple[int, ...] = (32, 64, 128, 256)):
+    def __init__(self, *, in_channels: int, norm_layer: NormLayer, widths: tuple[int, ...] = (32, 64, 128, 256),
+                 pool: int = 1):
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
@@ -82,16 +85,16 @@ class ConvNet(nn.Module):
             layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), norm_layer(w), nn.ReLU(inplace=True)]
             c = w
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.num_features = c
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.num_features = c * pool * pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(x)).flatten(1)  # (B, C, H, W) -> (B, F)
+        return self.pool(self.features(x)).flatten(1)  # (B, C, H, W) -> (B, C, pool, pool) -> (B, F)
 
 
 def _convnet(*, in_channels: int, small_images: bool, norm_layer: NormLayer,
-             widths: tuple[int, ...] = (32, 64, 128, 256)) -> nn.Module:
-    return ConvNet(in_channels=in_channels, norm_layer=norm_layer, widths=tuple(widths))
+             widths: tuple[int, ...] = (32, 64, 128, 256), pool: int = 1) -> nn.Module:
+    return ConvNet(in_channels=in_channels, norm_layer=norm_layer, widths=tuple(widths), pool=pool)
 
 
 # name -> constructor(*, in_channels, small_images, norm_layer, [widths]) returning a module with ``num_features``.
@@ -209,7 +212,7 @@ def build_encoder(cfg: ModelConfig, *, in_channels: int) -> Encoder:
         backbone = timm_backbone(cfg.backbone[len(TIMM_PREFIX):], in_channels=in_channels,
                                  img_size=cfg.timm_img_size, patch_size=cfg.timm_patch_size)
     else:
-        extra = {"widths": tuple(cfg.convnet_widths)} if cfg.backbone == "convnet" else {}
+        extra = {"widths": tuple(cfg.convnet_widths), "pool": cfg.convnet_pool} if cfg.backbone == "convnet" else {}
         backbone = BACKBONES[cfg.backbone](
             in_channels=in_channels, small_images=cfg.small_images, norm_layer=NORMS[cfg.norm], **extra
         )
