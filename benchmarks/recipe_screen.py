@@ -2,6 +2,7 @@
 
     python benchmarks/recipe_screen.py plan.json --out screen/ --workers 6
     python benchmarks/recipe_screen.py plan.json --out screen/ --workers 1 --limit 1      # a quick local check
+    python benchmarks/recipe_screen.py plan.json --out screen/ --set data.root=/data/cifar10-jpeg  # another copy
 
 ``plan.json``: ``{"base": [overrides...], "runs": [{"name": ..., "overrides": [...], "steps": N}, ...]}``. Each
 run is ``protoclr.train.pretrain`` with ``train.steps=N`` (its whole schedule), then the full protocol of
@@ -45,7 +46,7 @@ def _next(counter: Path, total: int) -> int | None:
         return i
 
 
-def worker(plan_path: Path, out: Path, k: int, limit: int) -> None:
+def worker(plan_path: Path, out: Path, k: int, limit: int, extra_base: list[str]) -> None:
     import torch
 
     from protoclr.config import load_config
@@ -56,6 +57,7 @@ def worker(plan_path: Path, out: Path, k: int, limit: int) -> None:
     from protoclr.views import config_view_spec
 
     plan = json.loads(plan_path.read_text())
+    plan["base"] = [*plan["base"], *extra_base]
     runs = plan["runs"][:limit] if limit else plan["runs"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extra = ["trainer.accelerator=cuda", "trainer.devices=1"] if device == "cuda" else []
@@ -98,18 +100,21 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = cores / workers)")
     p.add_argument("--limit", type=int, default=0, help="only the first N runs of the plan")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override added to the plan's base for every run (repeatable), e.g. data.root=...")
     p.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args()
     out = Path(args.out)
     if args.worker >= 0:
-        worker(Path(args.plan), out, args.worker, args.limit)
+        worker(Path(args.plan), out, args.worker, args.limit, args.set)
         return
     out.mkdir(parents=True, exist_ok=True)
     (out / ".counter").unlink(missing_ok=True)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     procs = [subprocess.Popen([sys.executable, __file__, args.plan, "--out", str(out), "--worker", str(k),
-                               "--limit", str(args.limit)], env=env) for k in range(args.workers)]
+                               "--limit", str(args.limit),
+                               *[f"--set={o}" for o in args.set]], env=env) for k in range(args.workers)]
     for proc in procs:
         proc.wait()
 
