@@ -139,6 +139,17 @@ def _knn_reference(x_tr, y_tr, x_te, y_te, *, k: int, t: float) -> float:
     return hits / len(b)
 
 
+def test_the_demo_runs_the_shipped_fashion_mnist_recipe():
+    """configs/cpu_fashion_mnist.yaml is what `protoclr demo` runs: the same config, key for key."""
+    from protoclr.config import load_config
+    from protoclr.demo import RECIPE
+
+    shipped = load_config(Path(__file__).resolve().parents[1] / "configs" / "cpu_fashion_mnist.yaml")
+    demo = load_config(None, RECIPE)
+    assert shipped.to_dict() == demo.to_dict()
+    assert demo.loss.alpha != load_config(None).loss.alpha  # the recipe is applied, not only the defaults
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, capsys, monkeypatch):
     from protoclr.data import load_dataset
