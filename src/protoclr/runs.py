@@ -248,15 +248,22 @@ def transaction(path: str | Path, *, timeout: float = 60.0) -> Iterator[sqlite3.
     IMMEDIATE``) so concurrent writers queue, never deadlock; rolled back on any exception."""
     con = connect(path, timeout=timeout)
     try:
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(con):
             yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
     finally:
         con.close()
+
+
+@contextmanager
+def _immediate(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` on an open connection, ``ROLLBACK`` on any exception."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 def create_schema(path: str | Path, *, timeout: float = 60.0) -> None:
@@ -274,15 +281,10 @@ def create_schema(path: str | Path, *, timeout: float = 60.0) -> None:
                 raise
             raise NotADatabase(f"{path} is not an SQLite database; pass the runs.db a sweep or pretraining wrote, "
                                "or a path where none exists yet") from None
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(con):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     con.execute(statement)
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
     finally:
         con.close()
 
