@@ -46,7 +46,9 @@ def _add(db_path: Path, sweep: str, study: str, point: dict, seed: int, config: 
         db.log_epoch(rid, e, {"epoch": e, "loss": 5.0 - e - 0.1 * seed, "knn_top1": 0.3 + 0.1 * e,
                               "diag_attraction_sup": -0.5, "diag_attraction_surrogate": -0.6 - 0.01 * e,
                               "diag_attraction_ssl": -0.55, "diag_attraction_gap": 0.05 / (e + 1),
-                              "diag_repulsion_sup": 0.4, "diag_repulsion_ssl": 1.2, "diag_repulsion_gap": 0.8})
+                              "diag_repulsion_sup": 0.4, "diag_repulsion_ssl": 1.2, "diag_repulsion_gap": 0.8,
+                              "diag_repulsion_gap/alpha2_nu1": 1.5 + 0.1 * e + 0.01 * seed,
+                              "diag_nu1_violates": float(e == 0)})
     final = {"diag_bias_angle_deg": bias, "diag_attraction_gap": 0.05 / epochs + 0.01 * seed}
     final |= {"eval_linear_top1": acc} if acc is not None else {}
     final |= extra or {}
@@ -142,6 +144,10 @@ def test_report_every_section_with_traceable_numbers(synthetic_db, tmp_path):
     # targets: accuracy, then the final attraction gaps of seeds 0 and 1 (0.025, 0.035) with the bias
     assert "| tg | name=momentum | 65.00 ± 0.00 (n=2) |" in md
     assert "| tg | name=shared | 0.0300 ± 0.0071 (n=2) |" in md and "targets_bounds.png" in md
+    # bounds: the repulsion gap at nu = 1 beside the one at nu = min ||mu_y||, with the epochs violating nu = 1
+    # (flagged at epoch 0 of each of the 2 runs: 2 of 4); last epoch 1.5 + 0.1 + 0.01 * seed -> 1.6050 ± 0.0071
+    assert ("| grid | name=balanced, alpha=1, lam=1 | repulsion_gap at nu = 1 | 1.5050 | 1.6050 ± 0.0071 | 2 | "
+            "2 of 4 |") in md
     # empty study: said, not filled
     assert "No runs of this study in the database (sweeps with `study: class_balance`)" in md
     assert "| class_balance | uniform class distribution | ImageNet-LT budget | 20.82 | - | no runs | - |" in md

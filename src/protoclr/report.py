@@ -35,6 +35,7 @@ from protoclr.measure import (
     EVAL_KNN,
     EVAL_LINEAR,
     KNN,
+    NU1_VIOLATES,
     REPULSION_GAP,
     REPULSION_SSL,
     REPULSION_SUP,
@@ -571,19 +572,28 @@ def section_bounds(doc: Doc, groups: list[Group]) -> None:
         doc.p("No run in the database recorded per-epoch bound terms (`protoclr sweep` adds them to each epoch).")
         return
     doc.p("Per epoch, on a class-balanced held-out probe set, L2-normalised projector outputs; the repulsion "
-          "bound at the run's own inverse temperature and nu = 1 (protoclr.diagnostics.bound_terms). Lines: mean "
-          "over seeds, bands: ± std." + ("" if preferred else " No `study: bounds` sweep: showing up to 6 points "
-                                         "of other sweeps."))
+          "bound at the run's own inverse temperature and at nu = the smallest class-prototype norm on the probe "
+          "set, the largest nu its assumption nu <= ||mu_y|| allows (protoclr.diagnostics.bound_terms). The table "
+          "adds the repulsion gap at nu = 1 and how many epochs violate that assumption there. Lines: mean over "
+          "seeds, bands: ± std." + ("" if preferred else " No `study: bounds` sweep: showing up to 6 points "
+                                    "of other sweeps."))
     name = "bounds.png"
     doc.image(name, curves(gs, BOUND_PANELS, "bound terms over epochs"), name)
     rows = []
     for g in gs:
-        for key in (ATTRACTION_GAP, REPULSION_GAP):
+        epoch_rows = [row for rows_ in g.epochs.values() for row in rows_]
+        nu1 = sorted({k for row in epoch_rows for k in row if k.startswith(REPULSION_GAP + "/") and k.endswith("_nu1")})
+        flags = [row[NU1_VIOLATES] for row in epoch_rows if isinstance(row.get(NU1_VIOLATES), (int, float))]
+        violates = f"{sum(f == 1 for f in flags)} of {len(flags)}" if flags else "-"
+        for key in (ATTRACTION_GAP, REPULSION_GAP, *nu1):
             xs, ms, ss = _epoch_band(g, key)
             if xs:
                 last = f"{ms[-1]:.4f} ± {ss[-1]:.4f}"
-                rows.append([g.sweep, g.label, key.removeprefix("diag_"), f"{ms[0]:.4f}", last, str(len(g.runs))])
-    doc.table(["sweep", "point", "gap", "first epoch (mean)", "last epoch (mean ± std)", "runs"], rows)
+                name = "repulsion_gap at nu = 1" if key in nu1 else key.removeprefix("diag_")
+                rows.append([g.sweep, g.label, name, f"{ms[0]:.4f}", last, str(len(g.runs)),
+                             violates if key in nu1 else ""])
+    doc.table(["sweep", "point", "gap", "first epoch (mean)", "last epoch (mean ± std)", "runs",
+               "epochs where nu = 1 violates nu <= min ||mu_y||"], rows)
     _provenance(doc, gs)
 
 
