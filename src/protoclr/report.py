@@ -37,6 +37,7 @@ from protoclr.measure import (
     KNN,
     NU1_VIOLATES,
     REPULSION_GAP,
+    REPULSION_GAP_NU1,
     REPULSION_SSL,
     REPULSION_SUP,
 )
@@ -582,7 +583,8 @@ def section_bounds(doc: Doc, groups: list[Group]) -> None:
     rows = []
     for g in gs:
         epoch_rows = [row for rows_ in g.epochs.values() for row in rows_]
-        nu1 = sorted({k for row in epoch_rows for k in row if k.startswith(REPULSION_GAP + "/") and k.endswith("_nu1")})
+        head, tail = REPULSION_GAP_NU1.split("{alpha:g}")  # measure owns the key's format; the alpha varies by run
+        nu1 = sorted({k for row in epoch_rows for k in row if k.startswith(head) and k.endswith(tail)})
         flags = [row[NU1_VIOLATES] for row in epoch_rows if isinstance(row.get(NU1_VIOLATES), (int, float))]
         violates = f"{sum(f == 1 for f in flags)} of {len(flags)}" if flags else "-"
         for key in (ATTRACTION_GAP, REPULSION_GAP, *nu1):
