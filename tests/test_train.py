@@ -82,7 +82,7 @@ def test_smoke_two_epochs(full_run):
     assert meta["version"] and "git_commit" in meta
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert [e["epoch"] for e in epochs] == [0, 1] and [e["step"] for e in epochs] == [4, 8]
+    assert [e["epoch"] for e in epochs] == [-1, 0, 1] and [e["step"] for e in epochs] == [0, 4, 8]
     steps = [r for r in records if r["kind"] == "step"]
     assert len(steps) == 8 and all(math.isfinite(r["loss"]) for r in steps)
     # monitors: a chance-level encoder scores ~0.1 on 10 classes; these are fractions in [0, 1]
@@ -91,7 +91,7 @@ def test_smoke_two_epochs(full_run):
     db = ResultsDB(run.parent / "runs.db")
     row = db.get_run(run.name)
     assert row["status"] == "finished" and row["final_metrics"]["knn_top1"] == epochs[-1]["knn_top1"]
-    assert [e["epoch"] for e in db.epochs(run.name)] == [0, 1]
+    assert [e["epoch"] for e in db.epochs(run.name)] == [-1, 0, 1]
     encoder, cfg2 = load_run(run)
     assert cfg2 == cfg and not encoder.training
     for k, v in encoder.state_dict().items():
@@ -122,11 +122,35 @@ def test_tracked_diagnostics_reach_metrics_and_db(tmp_path, fashion_mnist_dir):
     epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in epochs if r["kind"] == "epoch"]
     keys = ("diag_attraction_gap", "diag_repulsion_gap", "diag_bias_angle_deg", "diag_alignment")
-    assert not any(k in epochs[0] for k in (*keys, "knn_top1"))  # eval.every=2: epoch 0 is not measured
-    assert all(math.isfinite(epochs[1][k]) for k in keys)
-    assert 0 <= epochs[1]["diag_bias_angle_deg"] <= 180
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(-1, 0), (0, 4), (1, 8)]  # step 0, then each epoch end
+    assert not any(k in epochs[1] for k in (*keys, "knn_top1"))  # eval.every=2: epoch 0 is not measured
+    assert all(math.isfinite(epochs[2][k]) for k in keys)
+    assert 0 <= epochs[2]["diag_bias_angle_deg"] <= 180
     db_epochs = ResultsDB(tmp_path / "runs.db").epochs("tracked")
-    assert all(db_epochs[1][k] == epochs[1][k] for k in keys)
+    assert [r["epoch"] for r in db_epochs] == [-1, 0, 1]
+    assert all(db_epochs[i][k] == epochs[i][k] for k in keys for i in (0, 2))
+
+
+def test_the_step_0_record_measures_the_encoder_as_initialized(tmp_path, fashion_mnist_dir):
+    """The epoch -1 record is the encoder before any step: the same numbers as the monitor on an encoder built
+    from the run's seed alone (not the weights after step 1, not the final ones)."""
+    from protoclr.measure import Monitor
+
+    cfg = tiny(tmp_path, "train.run_name=initial", "eval.diagnostics=true", "eval.diag_images=100",
+               "eval.diag_views=2")
+    run = pretrain(cfg)
+    first = ResultsDB(tmp_path / "runs.db").epochs("initial")[0]
+    torch.manual_seed(cfg.train.seed)  # how the loop seeds the encoder it builds
+    train, test, spec = load_data(cfg)
+    fresh = build_encoder(cfg.model, in_channels=spec.channels)
+    expected = Monitor(cfg, train, test, spec).measure(fresh, None)
+    assert first["epoch"] == -1 and first["step"] == 0
+    for key, value in expected.items():
+        assert first[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key  # channels_last in the loop only
+    trained = Monitor(cfg, train, test, spec).measure(load_run(run)[0], None)
+    assert any(first[k] != pytest.approx(v, rel=1e-3) for k, v in trained.items())  # not the final weights
+    off = pretrain(tiny(tmp_path, "train.run_name=no_initial", "eval.initial=false"))
+    assert [r["epoch"] for r in ResultsDB(tmp_path / "runs.db").epochs(off.name)] == [0, 1]
 
 
 def _count_steps(monkeypatch) -> list[int]:
@@ -172,7 +196,8 @@ def test_resume_is_bit_identical(full_run, tmp_path, monkeypatch):
             assert torch.equal(a[group][k], b[group][k]), f"{group}.{k} differs after resume"
     ea = [e for e in ResultsDB(out / "runs.db").epochs("full")]
     eb = [e for e in ResultsDB(out / "runs.db").epochs("part")]
-    assert all(math.isfinite(e.pop("callback_norm")) for e in eb)  # the callback's scalars joined each epoch
+    assert "callback_norm" not in eb[0]  # the step-0 record is not an epoch end: no callback
+    assert all(math.isfinite(e.pop("callback_norm")) for e in eb[1:])  # the callback's scalars joined each epoch
     assert ea == eb  # identical per-epoch metrics, including the epoch that was interrupted
     # a run cannot be resumed under a different recipe
     with pytest.raises(ValueError, match=r"optim\.base_lr"):

@@ -163,6 +163,9 @@ class EvalConfig:
     # and with `diagnostics` the diag_* keys. After pretraining (protoclr sweep, protoclr demo): eval_knn_top1 and
     # eval_linear_top1. protoclr sweep and protoclr pretrain read the same keys.
     every: int = 1  # epochs between measurements during pretraining (and always after the last); 0 = none
+    # with every > 0, also measure the encoder as initialized, before the first step (an epoch record with
+    # epoch -1, step 0): where a curve starts, so that "shrinks during training" is read from step 0
+    initial: bool = True
     train_images: int = 10000  # training images in the kNN bank and the final probes' fit set; 0 = all
     test_images: int = 0  # held-out images scored (a fixed seeded draw of every class); 0 = all
     online_probe: bool = True  # a linear probe trained along on detached view-0 backbone features (own SGD)

@@ -394,13 +394,16 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
                 "config": cfg.to_dict(), "in_channels": spec.channels, "version": protoclr.__version__}, ckpt_file)
         fabric.barrier()
 
-    if state is None:
-        save()  # a last good checkpoint exists from the start
     stateful = [raw, *branch.modules()]  # what a skipped step restores: the buffers its forward passes changed
     max_steps = 2 if dry_run else min(tc.max_steps or total_steps, total_steps)
     fabric.print(f"run {run_dir} | {W} process(es), {fabric.device}, precision {precision}"
                  f" | {len(train)} images, {total_steps} steps ({steps_per_epoch}/epoch), lr {cfg.lr():.4g}"
                  + (f" | resuming at epoch {pos.epoch} step {pos.step_in_epoch}" if state else ""))
+    if state is None and monitor is not None and cfg.eval.initial:  # before any step: where every curve starts
+        rec.epoch({"epoch": -1, "step": 0, "skips": 0, **_isolated(
+            lambda enc, _: monitor.measure(enc, learner.probe, dist=fabric, device=fabric.device), raw, {})})
+    if state is None:
+        save()  # a last good checkpoint exists from the start (after the step-0 record: a kill between them reruns it)
     progress = _progress(enabled=cfg.trainer.progress and rank == 0 and not dry_run)
     epoch_metrics: dict[str, Any] = {}
     try:
