@@ -68,3 +68,17 @@ def test_pretrain_fits_on_a_page_and_one_module_touches_torch_distributed():
     assert fn.end_lineno - fn.lineno + 1 <= 160
     users = [m for m in MODULES if "torch.distributed" in (SRC / f"{m}.py").read_text()]
     assert users == ["distributed"], users
+
+
+# A metric key is built in protoclr.measure only (STYLE.md: one owner per metric-key set, a key's name says its
+# protocol): no other module spells a key's prefix, suffix or name; tests and docs may.
+METRIC_KEY_SPELLINGS = ('"eval_', "'eval_", '"diag_', "'diag_", '"knn_top1"', "'knn_top1'", '"probe_top1"',
+                        "'probe_top1'", '_last_good"', "_last_good'")
+
+
+def test_metric_keys_are_spelled_in_measure_only():
+    spelled = [f"{m}.py:{i}: {s}" for m in MODULES if m != "measure"
+               for i, line in enumerate((SRC / f"{m}.py").read_text().splitlines(), 1)
+               for s in METRIC_KEY_SPELLINGS if s in line]
+    assert not spelled, spelled
+    assert any(s in (SRC / "measure.py").read_text() for s in METRIC_KEY_SPELLINGS)  # the rule reads the owner

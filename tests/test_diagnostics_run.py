@@ -210,3 +210,20 @@ def test_probe_subset_is_balanced_and_fixed(run):
     assert torch.equal(again.labels, balanced_draw(probe, 55, seed=0).labels)
     with pytest.raises(ValueError, match="give no image per class"):
         balanced_draw(probe, 1, seed=0)
+
+
+def test_headline_keys_are_measures_constants():
+    """Every key headline writes is one of measure's constants (or their formats / the diag_ prefix + geometry),
+    so that no reader spells a key the writer could rename."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat(8)  # (32,), 4 classes
+    feats = {h: torch.nn.functional.normalize(torch.randn(3, 32, 6, generator=g), dim=-1) for h in ("backbone",
+                                                                                                     "projector")}
+    report = dg.diagnose_features(feats, labels, num_classes=4, alphas=(2.0, 10.0), nus=(1.0, 0.5))
+    keys = set(M.headline(report, alpha=2.0))
+    named = {v for k, v in vars(M).items() if k.isupper() and isinstance(v, str) and M.is_diagnostic(v)}
+    pairs = {fmt.format(alpha=a, nu=nu) for fmt in (M.REPULSION_GAP_PAIR, M.REPULSION_HOLDS_PAIR)
+             for a in (2.0, 10.0) for nu in (1.0, 0.5)}
+    geometry = {M.DIAG + k for k in report["geometry"]}
+    assert keys - named - pairs - geometry == set()
+    assert M.REPULSION_GAP_NU1.format(alpha=2.0) in keys and M.BOUND_ALPHA in keys

@@ -256,6 +256,8 @@ def test_cli_evaluates_a_run_writes_eval_json_and_records_it(tmp_path, fashion_m
     import json
 
     train = pytest.importorskip("protoclr.train")
+    from protoclr import evaluate_cmd
+    from protoclr import measure as M
     from protoclr.config import load_config
     from protoclr.runs import ResultsDB
 
@@ -267,15 +269,18 @@ def test_cli_evaluates_a_run_writes_eval_json_and_records_it(tmp_path, fashion_m
     )  # fmt: skip
     run_dir = train.pretrain(cfg)
     argv = [str(run_dir), "--knn", "--linear", "cached", "--train-subset", "300", "--k", "20"]
-    assert ev.cli_main(argv) == 0
+    assert evaluate_cmd.cli_main(argv) == 0
     out = json.loads((run_dir / "eval.json").read_text())
     assert out["train_images"] == 300 and out["test_images"] == 10000
     for method in ("knn", "linear_cached"):
         assert 0.1 < out[method]["top1"] <= out[method]["top5"] <= 1  # better than chance on 10 classes
     row = ResultsDB(tmp_path / "runs.db").get_run("tiny")["final_metrics"]
-    assert row["eval_knn_top1"] == out["knn"]["top1"] and row["eval_linear_top1"] == out["linear_cached"]["top1"]
+    # its own protocol (300 drawn training images, every test image, k = 20), so its own keys, never final_metrics'
+    assert row["eval_knn_top1_fit300_k20"] == out["knn"]["top1"]
+    assert row["eval_linear_top1_fit300"] == out["linear_cached"]["top1"]
+    assert M.EVAL_KNN not in row and M.EVAL_LINEAR not in row
     assert len(list((run_dir / "features").glob("*.pt"))) == 2  # train and test features cached
-    assert ev.cli_main([a for a in argv if a not in ("--linear", "cached")]) == 0  # cache; keeps the probe
+    assert evaluate_cmd.cli_main([a for a in argv if a not in ("--linear", "cached")]) == 0  # cache; keeps the probe
     again = json.loads((run_dir / "eval.json").read_text())
     assert again["knn"]["top1"] == out["knn"]["top1"] and "linear_cached" in again
 
@@ -309,3 +314,22 @@ def test_final_metrics_follow_the_linear_protocol(protocol):
         f_te, y_te = ev.extract_features(enc.backbone, test, preprocess=pre)
         want = ev.linear_probe_cached(f_tr, y_tr, f_te, y_te, num_classes=3)["top1"]
     assert out["eval_linear_top1"] == pytest.approx(want) and out["eval_train_images"] == 40
+
+
+def test_keys_name_their_protocol():
+    """measure builds every key: the full splits and a diverged run's last good checkpoint get their own names."""
+    from protoclr import measure as M
+
+    final = {M.EVAL_KNN: 0.5, M.EVAL_LINEAR + M.PRETRAIN_SET: 0.4, M.EVAL_TRAIN_IMAGES: 100.0}
+    assert M.as_last_good(final) == {"eval_knn_top1_last_good": 0.5, "eval_linear_top1_pretrain_set_last_good": 0.4,
+                                     "eval_train_images": 100.0}
+    res = {"knn": {"top1": 0.5, "top5": 0.9, "groups": {"few": 0.1}}, "linear_cached": {"top1": 0.6, "top5": 0.95}}
+    assert M.command_metrics(res) == {"eval_knn_top1_full": 0.5, "eval_knn_top5_full": 0.9,
+                                      "eval_knn_few_top1_full": 0.1, "eval_linear_top1_full": 0.6,
+                                      "eval_linear_top5_full": 0.95}
+    keys = M.command_metrics(res, fit_images=300, k=20, dataset="cifar10")
+    assert set(keys) == {"eval_cifar10_knn_top1_fit300_k20", "eval_cifar10_knn_top5_fit300_k20",
+                         "eval_cifar10_knn_few_top1_fit300_k20", "eval_cifar10_linear_top1_fit300",
+                         "eval_cifar10_linear_top5_fit300"}
+    assert M.full_metrics({M.SCORE_KNN: 0.3}, of=M.RAW_PIXEL) == {"raw_pixel_knn_top1_full": 0.3}
+    assert M.on_dataset(M.BIAS, "cifar10") == "diag_cifar10_bias_angle_deg"

@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any
 
-from protoclr.measure import ATTRACTION_GAP, BIAS, EVAL_LINEAR
+from protoclr.measure import ATTRACTION_GAP, BIAS, EVAL_LINEAR, last_good
 
 RESULT_STATUSES = ("finished", "diverged")  # the runs whose final metrics count (a diverged run: its last good one)
 
@@ -125,7 +125,7 @@ def claim_pairs(groups: list[Any], claim: dict[str, Any]) -> list[float]:
 
     def value(r: dict[str, Any]) -> float | None:
         fm = r["final_metrics"] or {}
-        v = fm.get(metric, fm.get(metric + "_last_good") if claim.get("last_good") else None)
+        v = fm.get(metric, fm.get(last_good(metric)) if claim.get("last_good") else None)
         return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
     if claim.get("within"):  # first vs last epoch record of each run

@@ -27,7 +27,7 @@ from protoclr.errors import UserError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("protoclr.demo", "cli_main", "pretrain the CPU default, evaluate it, print a results table"),
     "pretrain": ("protoclr.train", "cli_main", "train an encoder without labels"),
-    "evaluate": ("protoclr.evaluate", "cli_main", "kNN / linear probe of a run or checkpoint"),
+    "evaluate": ("protoclr.evaluate_cmd", "cli_main", "kNN / linear probe of a run or checkpoint"),
     "diagnose": ("protoclr.diagnose", "cli_main", "prototype bias, bound terms and geometry of a run"),
     "views": ("protoclr.views", "cli_main", "save a grid of images and their augmented views"),
     "sweep": ("protoclr.sweep", "cli_main", "grid x seeds of pretraining + evaluation runs, local workers or SLURM"),

@@ -5,7 +5,8 @@
 
 Rows: raw pixels (centered), the encoder before training (same seed) and after it, each with weighted kNN and the
 linear probe of protoclr.measure fitted on every training image and scored on every test image; below the table
-the pretraining minutes and images per second.
+the pretraining minutes and images per second. runs.db gets them under the full protocol's keys
+(``measure.full_metrics``: ``eval_knn_top1_full``, ``raw_pixel_knn_top1_full``, ...), not final_metrics' keys.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from protoclr import checkpoint, splits
+from protoclr import measure as M
 from protoclr.config import load_config
 from protoclr.data import fetch_fashion_mnist
 from protoclr.measure import evaluate_backbone, random_init_floor, raw_pixel_floor
@@ -63,7 +65,7 @@ def cli_main(argv: list[str]) -> int:
     for col in ("representation", "kNN top-1 (k=200)", "linear probe top-1"):
         table.add_column(col, justify="left" if col == "representation" else "right")
     for name, r in rows.items():
-        table.add_row(name, f"{100 * r['knn_top1']:.1f}%", f"{100 * r['linear_top1']:.1f}%")
+        table.add_row(name, f"{100 * r[M.SCORE_KNN]:.1f}%", f"{100 * r[M.SCORE_LINEAR]:.1f}%")
     console.print(table)
     console.print(f"pretraining {t_train / 60:.1f} min ({steps * cfg.train.batch_size / t_train:.0f} images/s, "
                   f"{meta['precision']} on {torch.get_num_threads()} threads), evaluation {t_eval / 60:.1f} min; "
@@ -72,6 +74,6 @@ def cli_main(argv: list[str]) -> int:
     db = ResultsDB(Path(cfg.train.out_dir) / "runs.db")
     row = db.get_run(run_dir.name)
     db.finish_run(run_dir.name, row["status"], {
-        **(row["final_metrics"] or {}), **{f"eval_{k}": v for k, v in trained.items()},
-        **{f"raw_pixel_{k}": v for k, v in raw.items()}, **{f"random_init_{k}": v for k, v in init.items()}})
+        **(row["final_metrics"] or {}), **M.full_metrics(trained), **M.full_metrics(raw, of=M.RAW_PIXEL),
+        **M.full_metrics(init, of=M.RANDOM_INIT)})
     return 0

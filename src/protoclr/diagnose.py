@@ -20,13 +20,11 @@ import torch
 
 from protoclr import measure as M
 from protoclr.atomic import write_json
-from protoclr.data import load_dataset
+from protoclr.commands import open_run, run_parser
 from protoclr.diagnostics import diagnose_features, view_features
-from protoclr.errors import NotACheckpoint
-from protoclr.evaluate import record_in_runs_db
 from protoclr.losses import config_alpha
 from protoclr.measure import headline
-from protoclr.runs import ResultsDB, load_run
+from protoclr.runs import ResultsDB, record_final_metrics
 from protoclr.splits import HELD_OUT, balanced_draw
 from protoclr.views import config_view_spec
 
@@ -57,7 +55,7 @@ def history(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
     for epoch in sorted(by_epoch):
         for key, value in by_epoch[epoch].items():
-            if key.startswith("diag_") and isinstance(value, int | float) and not isinstance(value, bool):
+            if M.is_diagnostic(key) and isinstance(value, int | float) and not isinstance(value, bool):
                 out.setdefault(key, []).append((epoch, float(value)))
     return out
 
@@ -106,8 +104,8 @@ def plot_history(hist: dict[str, list[tuple[int, float]]], path: str | Path, *, 
             ax.plot(xs, ys, marker="o", markersize=3, label=label)
         if name.startswith("gaps"):
             ax.axhline(0.0, color="black", linewidth=0.8, linestyle="--")
-        if name.startswith("repulsion") and "diag_bound_alpha" in hist and "diag_bound_nu" in hist:
-            name += f" (alpha={hist['diag_bound_alpha'][-1][1]:g}, nu={hist['diag_bound_nu'][-1][1]:g})"
+        if name.startswith("repulsion") and M.BOUND_ALPHA in hist and M.BOUND_NU in hist:
+            name += f" (alpha={hist[M.BOUND_ALPHA][-1][1]:g}, nu={hist[M.BOUND_NU][-1][1]:g})"
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("epoch")
@@ -173,25 +171,18 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _parser() -> Any:
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="protoclr diagnose",
-        description="Prototype representation bias, the bound terms with their assumptions, and feature geometry "
+    p = run_parser(
+        "protoclr diagnose",
+        "Prototype representation bias, the bound terms with their assumptions, and feature geometry "
         "of a pretrained encoder on a class-balanced probe set of the held-out split. Prints tables, writes "
         "diagnostics.json and PNG plots in the run folder and records headline numbers in runs.db.",
     )
-    p.add_argument("path", help="run folder (with checkpoint.pt) or a checkpoint file")
-    p.add_argument("--dataset", help="protoclr.data dataset name (default: the run's)")
-    p.add_argument("--root", help="dataset location (default: the run's, when the dataset is the run's)")
     p.add_argument("--split", help="labeled split to probe (default: the run's test split)")
     p.add_argument("--probe-images", type=int, default=1000, help="class-balanced probe images (seeded)")
     p.add_argument("--views", type=int, default=8, help="K augmentations per image (mu~_x is their mean)")
     p.add_argument("--alphas", help="inverse temperatures of the repulsion bound (default: 1, the run's, 10)")
     p.add_argument("--nus", default="1,0.5", help="nu values; the bound needs nu <= the smallest prototype norm")
     p.add_argument("--seed", type=int, help="view seed (default: the run's train.seed)")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
@@ -261,26 +252,18 @@ def cli_main(argv: list[str]) -> int:
         p.error(f"--alphas / --nus: {e}")
     if args.views < 2 or args.probe_images < 2 or args.batch_size < 1:
         p.error("--views and --probe-images must be >= 2, --batch-size >= 1.")
-    path = Path(args.path)
-    ckpt = path / "checkpoint.pt" if path.is_dir() else path
-    if not ckpt.is_file():
-        raise NotACheckpoint(f"no checkpoint at {ckpt}; pass a run folder or a checkpoint file")
-    run_dir = ckpt.parent
     t0 = time.perf_counter()
-    encoder, cfg = load_run(ckpt, map_location=args.device)
-    encoder.to(args.device).eval()
-    d = cfg.data
-    name = args.dataset or d.dataset
-    root = args.root or (d.root if name == d.dataset else None) or None
-    split = args.split or d.test_split
-    data = load_dataset(name, split=split, root=root)
+    run = open_run(args)
+    encoder, cfg, run_dir, name = run.encoder, run.cfg, run.run_dir, run.dataset
+    split = args.split or cfg.data.test_split
+    data = run.load(split)
     probe = balanced_draw(data, min(args.probe_images, len(data)), seed=HELD_OUT)
     labels = torch.as_tensor(probe.labels).long()
     num_classes = len(probe.classes)
     run_alpha = config_alpha(cfg.loss)
     alphas = alphas_arg or tuple(sorted({1.0, run_alpha, 10.0}))
     seed = cfg.train.seed if args.seed is None else args.seed
-    spec = config_view_spec(d)
+    spec = config_view_spec(cfg.data)
     feats = view_features(encoder, probe, views=args.views, recipe=spec, seed=seed, batch_size=args.batch_size,
                           device=args.device)  # fmt: skip
     report = diagnose_features(feats, labels, num_classes=num_classes, alphas=alphas, nus=nus)
@@ -306,7 +289,7 @@ def cli_main(argv: list[str]) -> int:
     plot_bias_per_class(report["bias"], list(probe.classes), per_class, title=f"{run_dir.name}: {what}")
     plots["bias_per_class"] = per_class.name
     record = {
-        "checkpoint": str(ckpt),
+        "checkpoint": str(run.checkpoint),
         "dataset": name,
         "split": split,
         "probe_images": len(probe),
@@ -322,8 +305,7 @@ def cli_main(argv: list[str]) -> int:
     }
     out_path = run_dir / "diagnostics.json"
     write_json(out_path, record)
-    tag = "diag" if name == d.dataset else f"diag_{name}"
-    flat = {tag + k.removeprefix("diag") if k.startswith("diag_") else k: v for k, v in scalars.items()}
-    where = record_in_runs_db(run_dir, flat)
+    flat = scalars if run.own_dataset else {M.on_dataset(k, name): v for k, v in scalars.items()}
+    where = record_final_metrics(run_dir, flat)
     console.print(f"wrote {out_path} and {', '.join(plots.values())}; {where}")
     return 0

@@ -1,4 +1,4 @@
-"""Evaluation of frozen encoders: feature extraction, weighted kNN, linear probes, CLI ``evaluate``.
+"""Evaluation of frozen encoders: feature extraction, weighted kNN, linear probes.
 
 Everything numeric is a pure function of feature tensors, so the training loop can monitor with the same
 code the final evaluation uses:
@@ -6,9 +6,8 @@ code the final evaluation uses:
     feats, labels = extract_features(lambda x: encoder(x)[0], train_set, batch_size=512, device="cpu")
     acc = knn_accuracy(feats, labels, test_feats, test_labels, num_classes=10)   # {"top1": .., "top5": ..}
 
-    protoclr evaluate runs/simclr-0 --knn --linear cached
-
-Accuracies are fractions in [0, 1]; the CLI prints percentages.
+Accuracies are fractions in [0, 1]. Which images, which k and which probe a measurement uses is protoclr.measure's;
+the ``protoclr evaluate`` command is protoclr.evaluate_cmd.
 """
 
 from __future__ import annotations
@@ -25,11 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from protoclr import atomic
-from protoclr.data import load_dataset
-from protoclr.errors import NotACheckpoint, UserError
-from protoclr.runs import ResultsDB, load_run
-from protoclr.splits import class_groups
-from protoclr.views import config_view_spec, eval_images
 
 # Similarity block budget for kNN when no chunk size is given: rows * N * 4 bytes stays under this.
 _KNN_BLOCK_BYTES = 64 * 2**20
@@ -500,157 +494,3 @@ def linear_probe_augmented(
         out["groups"] = group_accuracy(scores, test_y, groups)
     return out
 
-
-# --------------------------------------------------------------------------------------------------------
-# CLI: protoclr evaluate RUN_DIR_OR_CHECKPOINT [--knn] [--linear cached|augmented] [--dataset NAME]
-
-
-def _parser() -> Any:
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="protoclr evaluate",
-        description="kNN and linear-probe accuracy of a pretrained encoder's frozen backbone features. Writes "
-        "eval.json in the run folder and records the numbers in the run's row of runs.db.",
-    )
-    p.add_argument("path", help="run folder (with checkpoint.pt) or a checkpoint file")
-    p.add_argument("--knn", action="store_true", help="weighted kNN (the default when nothing is chosen)")
-    p.add_argument(
-        "--linear",
-        choices=("cached", "augmented"),
-        help="cached: features once, L-BFGS, weight decay picked on 10%% of train (minutes on CPU); "
-        "augmented: crop + flip every epoch, SGD cosine (the standard protocol; needs many encoder passes)",
-    )
-    p.add_argument("--dataset", help="protoclr.data dataset name (default: the run's training dataset)")
-    p.add_argument("--root", help="dataset location (default: the run's, when the dataset is the run's)")
-    p.add_argument("--k", type=int, default=200, help="kNN neighbours (InstDisc: 200; DINO on ImageNet: 20)")
-    p.add_argument("--temperature", type=float, default=0.1, help="kNN weight exp(sim / T)")
-    p.add_argument("--epochs", type=int, default=100, help="augmented linear probe epochs")
-    p.add_argument("--lr", type=float, default=0.1, help="augmented linear probe lr per 256 images")
-    p.add_argument("--train-subset", type=int, default=0, help="use N training images (seeded); 0 = all")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-cache", action="store_true", help="recompute features instead of using features/ cache")
-    return p
-
-
-def record_in_runs_db(run_dir: Path, metrics: dict[str, float]) -> str:
-    """Merge ``metrics`` into the final metrics of this run's row in ``runs.db`` (parent folder); returns a
-    sentence saying where they went (or why only the JSON file holds them)."""
-    db_path = run_dir.parent / "runs.db"
-    if not db_path.is_file():
-        return f"no {db_path}; results are in the JSON file only"
-    db = ResultsDB(db_path)
-    try:
-        row = db.get_run(run_dir.name)
-    except KeyError:
-        return f"no run {run_dir.name!r} in {db_path}; results are in the JSON file only"
-    db.finish_run(run_dir.name, row["status"], {**(row["final_metrics"] or {}), **metrics}, message=row["message"])
-    return f"recorded in {db_path} (run {run_dir.name})"
-
-
-def cli_main(argv: list[str]) -> int:
-    """``protoclr evaluate``: see ``--help``."""
-    import json
-    import time
-
-    from rich.console import Console
-    from rich.table import Table
-
-    args = _parser().parse_args(argv)
-    if args.k <= 0 or args.temperature <= 0 or args.batch_size <= 0 or args.epochs <= 0:
-        raise UserError("--k, --temperature, --batch-size and --epochs must be positive")
-    do_knn = args.knn or not args.linear
-    path = Path(args.path)
-    ckpt = path / "checkpoint.pt" if path.is_dir() else path
-    if not ckpt.is_file():
-        raise NotACheckpoint(f"no checkpoint at {ckpt}; pass a run folder or a checkpoint file")
-    run_dir = ckpt.parent
-    encoder, cfg = load_run(ckpt, map_location=args.device)
-    encoder.to(args.device).eval()
-    d = cfg.data
-    name = args.dataset or d.dataset
-    root = args.root or (d.root if name == d.dataset else None)
-    train = load_dataset(name, split=d.train_split, root=root)
-    test = load_dataset(name, split=d.test_split, root=root)
-    if args.train_subset and args.train_subset < len(train):
-        gen = torch.Generator().manual_seed(0)
-        train = train.subset(torch.randperm(len(train), generator=gen)[: args.train_subset].sort().values)
-    spec = config_view_spec(d)
-    num_classes = len(test.classes)
-
-    def preprocess(x: Tensor) -> Tensor:
-        return eval_images(x, spec)
-
-    def features(data: Any, split: str) -> tuple[Tensor, Tensor]:
-        cache = None
-        if not args.no_cache:
-            key = f"{name}:{split}:{len(data)}:{args.train_subset if split == d.train_split else 0}"
-            cache = feature_cache_path(run_dir / "features", ckpt, split=key, feature="backbone")
-        f, y = extract_features(
-            encoder.backbone,
-            data,
-            batch_size=args.batch_size,
-            device=args.device,
-            preprocess=preprocess,
-            cache=cache,
-            progress=True,
-        )
-        return f, y
-
-    counts = torch.bincount(torch.as_tensor(train.labels).long(), minlength=num_classes)
-    # Per-group accuracy only for long-tailed training sets: a random subset of a balanced set is uneven by
-    # sampling noise alone, which is not what many / medium / few means.
-    groups = class_groups(counts) if int(counts.max()) >= 2 * max(int(counts.min()), 1) else None
-    t0 = time.perf_counter()
-    results: dict[str, Any] = {}
-    if do_knn or args.linear == "cached":
-        f_tr, y_tr = features(train, d.train_split)
-        f_te, y_te = features(test, d.test_split)
-    if do_knn:
-        scores = knn_predict(f_tr, y_tr, f_te, num_classes=num_classes, k=min(args.k, len(f_tr)),
-                             temperature=args.temperature)  # fmt: skip
-        results["knn"] = {**topk_accuracy(scores, y_te), "k": min(args.k, len(f_tr)), "temperature": args.temperature}
-        if groups is not None:
-            results["knn"]["groups"] = group_accuracy(scores, y_te, groups)
-    if args.linear == "cached":
-        results["linear_cached"] = linear_probe_cached(f_tr, y_tr, f_te, y_te, num_classes=num_classes, groups=groups)
-        results["linear_cached"]["val_top1"] = {f"{k:g}": v for k, v in results["linear_cached"]["val_top1"].items()}
-    elif args.linear == "augmented":
-        results["linear_augmented"] = linear_probe_augmented(
-            encoder.backbone, train, test, num_classes=num_classes, epochs=args.epochs, lr=args.lr,
-            batch_size=args.batch_size, device=args.device, preprocess=preprocess, groups=groups, progress=True,
-        )  # fmt: skip
-    record = {
-        "checkpoint": str(ckpt),
-        "dataset": name,
-        "train_images": len(train),
-        "test_images": len(test),
-        "seconds": round(time.perf_counter() - t0, 1),
-        **results,
-    }
-    out_path = run_dir / "eval.json"
-    previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    atomic.write_json(out_path, {**previous, **record})
-
-    tag = "eval" if name == d.dataset else f"eval_{name}"
-    flat: dict[str, float] = {}
-    for method, res in results.items():
-        label = "linear" if method == "linear_cached" else method  # eval_linear_top1 = the cached probe
-        for metric in ("top1", "top5"):
-            flat[f"{tag}_{label}_{metric}"] = res[metric]
-        for group, acc in res.get("groups", {}).items():
-            flat[f"{tag}_{label}_{group}_top1"] = acc
-    where = record_in_runs_db(run_dir, flat)
-
-    table = Table(title=f"protoclr evaluate: {run_dir.name} on {name} ({len(train)} train / {len(test)} test)")
-    for col in ("method", "top-1", "top-5", *(groups or {})):
-        table.add_column(col, justify="right")
-    for method, res in results.items():
-        cells = [f"{100 * res['top1']:.2f}%", f"{100 * res['top5']:.2f}%"]
-        cells += [f"{100 * res['groups'][g]:.2f}%" if math.isfinite(res["groups"][g]) else "-" for g in groups or {}]
-        table.add_row(method, *cells)
-    console = Console()
-    console.print(table)
-    console.print(f"wrote {out_path}; {where}")
-    return 0

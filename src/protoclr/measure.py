@@ -25,13 +25,24 @@ from torch import Tensor
 
 from protoclr import splits
 from protoclr.diagnostics import diagnose_features, view_features
-from protoclr.evaluate import extract_features, knn_accuracy, linear_probe_augmented, linear_probe_cached
+from protoclr.evaluate import (
+    extract_features,
+    group_accuracy,
+    knn_accuracy,
+    knn_predict,
+    linear_probe_augmented,
+    linear_probe_cached,
+    topk_accuracy,
+)
 from protoclr.losses import config_alpha
 from protoclr.models import build_encoder
 from protoclr.views import ViewSpec, eval_images
 
 KNN_K = 200  # neighbours (InstDisc, Wu et al. 2018)
 KNN_TEMPERATURE = 0.1  # weight exp(sim / T)
+
+# score_features' scores (a protocol's two numbers, before a key names where they were measured)
+SCORE_KNN, SCORE_LINEAR = "knn_top1", "linear_top1"
 
 # during pretraining (epoch records)
 KNN = "knn_top1"  # weighted kNN on the monitor's bank, scored on the held-out draw
@@ -50,6 +61,94 @@ REPULSION_GAP = "diag_repulsion_gap"  # self-supervised minus supervised repulsi
 REPULSION_GAP_NU1 = "diag_repulsion_gap/alpha{alpha:g}_nu1"  # the same at nu = 1 (format with the alpha)
 NU1_VIOLATES = "diag_nu1_violates"  # 1 when nu = 1 exceeds the smallest prototype norm (the bound's assumption fails)
 VIOLATIONS = "diag_violations"
+# the rest of headline's keys
+BIAS_COSINE, BIAS_EUCLIDEAN = "diag_bias_cosine", "diag_bias_euclidean"
+ATTRACTION_HOLDS, REPULSION_HOLDS = "diag_attraction_holds", "diag_repulsion_holds"  # share of anchors where it holds
+BOUND_ALPHA, BOUND_NU = "diag_bound_alpha", "diag_bound_nu"  # the (alpha, nu) of the plain repulsion keys
+BALANCE_RATIO, PROTOTYPE_NORM_MIN = "diag_balance_ratio", "diag_prototype_norm_min"
+REPULSION_GAP_PAIR = REPULSION_GAP + "/alpha{alpha:g}_nu{nu:g}"  # format with both; REPULSION_GAP_NU1 is nu = 1
+REPULSION_HOLDS_PAIR = REPULSION_HOLDS + "/alpha{alpha:g}_nu{nu:g}"
+EVAL = "eval_"  # the prefix of every final metric
+DIAG = "diag_"  # the prefix of every diagnostic key; diag_<geometry name> for each of diagnostics.geometry's
+# final metrics' bookkeeping
+EVAL_TEST_IMAGES, EVAL_TRAIN_IMAGES = "eval_test_images", "eval_train_images"  # the scored / fitted images' count
+EVAL_NONFINITE = "eval_nonfinite_features"  # 1 when a diverged encoder gave non-finite features (no accuracy)
+
+# Suffixes: a final metric's name says its protocol. Without one, final_metrics' draws (protoclr.splits); with:
+PRETRAIN_SET = "_pretrain_set"  # final_metrics fitted on the class-profiled pretraining set instead
+LAST_GOOD = "_last_good"  # final_metrics of the last good checkpoint of a diverged run
+FULL = "_full"  # the full protocol: fitted on every training image, scored on every test image (evaluate, demo)
+FIT = "_fit{n}"  # the full protocol fitted on n training images (splits.EVAL_FIT) instead of every one
+# Prefixes of the floors (protoclr demo): the same protocol on another representation than the run's encoder
+RAW_PIXEL, RANDOM_INIT = "raw_pixel_", "random_init_"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# keys: the only place one is built
+
+
+def last_good(key: str) -> str:
+    """``key`` measured on the last good checkpoint of a diverged run."""
+    return key + LAST_GOOD
+
+
+def as_last_good(final: dict[str, float]) -> dict[str, float]:
+    """:func:`final_metrics` of a diverged run's last good checkpoint: every accuracy key under :func:`last_good`
+    (the image counts keep their names)."""
+    return {last_good(k) if k.startswith((EVAL_KNN, EVAL_LINEAR)) else k: v for k, v in final.items()}
+
+
+def is_diagnostic(key: str) -> bool:
+    """Whether ``key`` is a diagnostic (``diag_*``: :func:`headline`'s keys and their variants)."""
+    return key.startswith(DIAG)
+
+
+def diagnostics_only(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The diagnostic keys of ``metrics`` (an epoch record, a final-metrics dict)."""
+    return {k: v for k, v in metrics.items() if is_diagnostic(k)}
+
+
+def short_name(key: str) -> str:
+    """A diagnostic key without its prefix, for a table or a plot (``attraction_gap``)."""
+    return key.removeprefix(DIAG)
+
+
+def on_dataset(key: str, dataset: str) -> str:
+    """``key`` measured on ``dataset`` rather than the run's own: the dataset after the prefix
+    (``diag_cifar10_bias_angle_deg``, ``eval_cifar10_knn_top1_full``)."""
+    for prefix in (DIAG, EVAL):
+        if key.startswith(prefix):
+            return f"{prefix}{dataset}_{key.removeprefix(prefix)}"
+    raise ValueError(f"{key!r} is not a diagnostic or final-evaluation key")
+
+
+def full_metrics(scores: dict[str, float], *, of: str = EVAL) -> dict[str, float]:
+    """:func:`score_features`' scores under the full protocol's keys (:data:`FULL`): ``eval_knn_top1_full``,
+    ``eval_linear_top1_full``; ``of``: :data:`RAW_PIXEL` or :data:`RANDOM_INIT` for a floor."""
+    return {f"{of}{name}{FULL}": v for name, v in scores.items()}
+
+
+# protoclr evaluate's methods -> the name in their keys (the cached probe is the linear probe of final_metrics)
+_METHOD_KEYS = {"knn": "knn", "linear_cached": "linear", "linear_augmented": "linear_augmented"}
+
+
+def command_metrics(results: dict[str, dict[str, Any]], *, fit_images: int = 0, k: int = KNN_K,
+                    temperature: float = KNN_TEMPERATURE, dataset: str | None = None) -> dict[str, float]:
+    """The keys of ``protoclr evaluate``'s results (``{"knn" | "linear_cached" | "linear_augmented": {"top1",
+    "top5", "groups"?}}``), named for their protocol: ``eval_<method>_top1`` + :data:`FULL` (every training
+    image fitted) or :data:`FIT` (``fit_images`` of them), + ``_k<k>`` / ``_t<T>`` for a kNN off :data:`KNN_K`
+    / :data:`KNN_TEMPERATURE`; per group ``eval_<method>_<group>_top1..``; :func:`on_dataset` for another
+    dataset. Never :func:`final_metrics`' keys, whose images are other draws."""
+    suffix = FIT.format(n=fit_images) if fit_images else FULL
+    out: dict[str, float] = {}
+    for method, res in results.items():
+        name, tail = EVAL + _METHOD_KEYS[method], suffix
+        if method == "knn":
+            tail += (f"_k{k}" if k != KNN_K else "") + (f"_t{temperature:g}" if temperature != KNN_TEMPERATURE else "")
+        keys = {f"{name}_{m}{tail}": res[m] for m in ("top1", "top5")}
+        keys |= {f"{name}_{group}_top1{tail}": acc for group, acc in res.get("groups", {}).items()}
+        out |= {on_dataset(key, dataset) if dataset else key: v for key, v in keys.items()}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,22 +157,24 @@ VIOLATIONS = "diag_violations"
 
 def score_features(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor, *, num_classes: int,
                    knn: bool = True, linear: bool = True) -> dict[str, float]:
-    """``{"knn_top1", "linear_top1"}`` (those asked for): ``f_*`` (N, F) / (M, F), ``y_*`` (N,) / (M,)."""
+    """``{SCORE_KNN, SCORE_LINEAR}`` (those asked for): ``f_*`` (N, F) / (M, F), ``y_*`` (N,) / (M,)."""
     out = {}
     if knn:
-        out["knn_top1"] = knn_accuracy(f_train, y_train, f_test, y_test, num_classes=num_classes,
+        out[SCORE_KNN] = knn_accuracy(f_train, y_train, f_test, y_test, num_classes=num_classes,
                                        k=min(KNN_K, len(f_train)), temperature=KNN_TEMPERATURE)["top1"]
     if linear:
-        out["linear_top1"] = linear_probe_cached(f_train, y_train, f_test, y_test, num_classes=num_classes)["top1"]
+        out[SCORE_LINEAR] = linear_probe_cached(f_train, y_train, f_test, y_test, num_classes=num_classes)["top1"]
     return out
 
 
 @torch.no_grad()
 def backbone_features(backbone: nn.Module, data: Any, spec: ViewSpec, *, batch_size: int = 1024,
-                      device: str | torch.device = "cpu", dist: Any = None) -> tuple[Tensor, Tensor]:
+                      device: str | torch.device = "cpu", dist: Any = None, cache: Any = None,
+                      progress: bool = False) -> tuple[Tensor, Tensor]:
     """``(features (N, F) float32 on CPU, labels (N,))`` of every image of ``data`` in evaluation mode (the module's
     mode is restored). With ``dist`` (Fabric: ``world_size``, ``global_rank``, ``all_gather``) each process
-    extracts its shard and every process gets all the rows."""
+    extracts its shard and every process gets all the rows. ``cache``: a file for the features of one process
+    (:func:`protoclr.evaluate.feature_cache_path`)."""
     was_training = backbone.training
     backbone.eval()
     try:
@@ -82,7 +183,8 @@ def backbone_features(backbone: nn.Module, data: Any, spec: ViewSpec, *, batch_s
         idx = torch.arange(r * n, min((r + 1) * n, len(data)))  # this process's shard
         mine = data.subset(idx) if W > 1 else data
         f, _ = extract_features(backbone, mine, batch_size=batch_size, device=device,
-                                preprocess=lambda x: eval_images(x, spec)) if len(idx) else (None, None)
+                                preprocess=lambda x: eval_images(x, spec), cache=cache if W == 1 else None,
+                                progress=progress) if len(idx) else (None, None)
         if W > 1:
             dim = backbone.num_features  # every backbone of protoclr.models states its feature width
             f = torch.zeros(0, dim) if f is None else f
@@ -100,6 +202,36 @@ def evaluate_backbone(backbone: nn.Module, train: Any, test: Any, spec: ViewSpec
     f_tr, y_tr = backbone_features(backbone, train, spec, batch_size=batch_size, device=device)
     f_te, y_te = backbone_features(backbone, test, spec, batch_size=batch_size, device=device)
     return score_features(f_tr, y_tr, f_te, y_te, num_classes=len(test.classes), knn=knn, linear=linear)
+
+
+def knn_scores(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor, *, num_classes: int,
+               k: int = KNN_K, temperature: float = KNN_TEMPERATURE, groups: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """The protocol's weighted kNN in detail: ``top1``, ``top5``, the ``k`` used (at most ``len(f_train)``),
+    ``temperature`` and with ``groups`` (:func:`protoclr.splits.class_groups`) each group's top-1."""
+    k = min(k, len(f_train))
+    scores = knn_predict(f_train, y_train, f_test, num_classes=num_classes, k=k, temperature=temperature)  # (M, C)
+    out: dict[str, Any] = {**topk_accuracy(scores, y_test), "k": k, "temperature": temperature}
+    if groups is not None:
+        out["groups"] = group_accuracy(scores, y_test, groups)
+    return out
+
+
+def cached_probe_scores(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor, *, num_classes: int,
+                        groups: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The protocol's linear probe in detail (:func:`protoclr.evaluate.linear_probe_cached`: ``top1``, ``top5``,
+    the weight decay chosen and each one's validation top-1, per-group top-1)."""
+    return linear_probe_cached(f_train, y_train, f_test, y_test, num_classes=num_classes, groups=groups)
+
+
+def augmented_probe_scores(backbone: nn.Module, train: Any, test: Any, spec: ViewSpec, *, epochs: int,
+                           lr: float = 0.1, batch_size: int = 256, device: str | torch.device = "cpu",
+                           groups: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+    """The augmented linear probe (:func:`protoclr.evaluate.linear_probe_augmented`) on ``backbone``'s features of
+    the evaluation crop of ``spec``, fitted on ``train`` and scored on ``test``; ``lr`` per 256 images."""
+    return linear_probe_augmented(backbone.eval(), train, test, num_classes=len(test.classes), epochs=epochs, lr=lr,
+                                  batch_size=batch_size, device=device, preprocess=lambda x: eval_images(x, spec),
+                                  groups=groups, progress=progress)
 
 
 def raw_pixel_floor(train: Any, test: Any, *, linear: bool = True) -> dict[str, float]:
@@ -248,13 +380,13 @@ def final_metrics(encoder: nn.Module, fit_sets: dict[str, Any], test: Any, spec:
     scored = splits.held_out(test, cfg.eval.test_images)
     bs = cfg.eval.batch_size
     f_te, y_te = backbone_features(encoder.backbone, scored, spec, batch_size=bs, device=device)
-    out: dict[str, float] = {"eval_test_images": float(len(scored))}
+    out: dict[str, float] = {EVAL_TEST_IMAGES: float(len(scored))}
     fitted = {}
     for suffix, data in fit_sets.items():
-        out[f"eval_train_images{suffix}"] = float(len(data))
+        out[f"{EVAL_TRAIN_IMAGES}{suffix}"] = float(len(data))
         fitted[suffix] = backbone_features(encoder.backbone, data, spec, batch_size=bs, device=device)
     if not (torch.isfinite(f_te).all() and all(torch.isfinite(f).all() for f, _ in fitted.values())):
-        out["eval_nonfinite_features"] = 1.0  # a diverged encoder: no accuracy to report
+        out[EVAL_NONFINITE] = 1.0  # a diverged encoder: no accuracy to report
         return out
     augmented = cfg.eval.linear and cfg.eval.linear_protocol == "augmented"
     for suffix, (f_tr, y_tr) in fitted.items():

@@ -40,6 +40,8 @@ from protoclr.measure import (
     REPULSION_GAP_NU1,
     REPULSION_SSL,
     REPULSION_SUP,
+    last_good,
+    short_name,
 )
 from protoclr.runs import read_all
 
@@ -480,7 +482,7 @@ def section_paper(doc: Doc, groups: list[Group]) -> None:
             for g in gs:
                 here = fmt(g.values(ACC), scale=100)
                 if not g.values(ACC) and g.diverged:
-                    last = g.values(ACC + "_last_good")
+                    last = g.values(last_good(ACC))
                     here = f"diverged in {g.diverged} of {len(g.runs)} runs" + (
                         f" (last good checkpoint: {fmt(last, scale=100)})" if last else "")
                 elif g.diverged:
@@ -591,7 +593,7 @@ def section_bounds(doc: Doc, groups: list[Group]) -> None:
             xs, ms, ss = _epoch_band(g, key)
             if xs:
                 last = f"{ms[-1]:.4f} ± {ss[-1]:.4f}"
-                name = "repulsion_gap at nu = 1" if key in nu1 else key.removeprefix("diag_")
+                name = "repulsion_gap at nu = 1" if key in nu1 else short_name(key)
                 rows.append([g.sweep, g.label, name, f"{ms[0]:.4f}", last, str(len(g.runs)),
                              violates if key in nu1 else ""])
     doc.table(["sweep", "point", "gap", "first epoch (mean)", "last epoch (mean ± std)", "runs",

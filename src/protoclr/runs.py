@@ -4,8 +4,8 @@
     encoder, cfg = load_run(run_dir)                        # or a checkpoint file
     db = ResultsDB("runs/runs.db")
     db.start_run(run_id, config=cfg.to_dict(), run_dir="runs/x")
-    db.log_epoch(run_id, epoch, {"loss": 3.1, "knn_top1": 0.71})
-    db.finish_run(run_id, "finished", {"knn_top1": 0.80})
+    db.log_epoch(run_id, epoch, {"loss": 3.1, KNN: 0.71})  # metric keys: protoclr.measure
+    db.finish_run(run_id, "finished", {EVAL_KNN: 0.80})
     db.runs(status="finished")              # -> list of dicts, newest first
 
 Several processes (a sweep's workers) may write at once: the database is in WAL mode, every write is one
@@ -198,6 +198,21 @@ def load_run(path: str | Path, *, map_location: Any = "cpu") -> tuple[Any, Any]:
     encoder = build_encoder(cfg.model, in_channels=int(state["in_channels"]))
     encoder.load_state_dict(state["model"])
     return encoder.eval(), cfg
+
+def record_final_metrics(run_dir: Path, metrics: dict[str, float]) -> str:
+    """Merge ``metrics`` into the final metrics of this run's row in ``runs.db`` (parent folder); returns a
+    sentence saying where they went (or why only the JSON file holds them)."""
+    db_path = run_dir.parent / "runs.db"
+    if not db_path.is_file():
+        return f"no {db_path}; results are in the JSON file only"
+    db = ResultsDB(db_path)
+    try:
+        row = db.get_run(run_dir.name)
+    except KeyError:
+        return f"no run {run_dir.name!r} in {db_path}; results are in the JSON file only"
+    db.finish_run(run_dir.name, row["status"], {**(row["final_metrics"] or {}), **metrics}, message=row["message"])
+    return f"recorded in {db_path} (run {run_dir.name})"
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -572,5 +587,5 @@ def read_all(db_path: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, A
 
 __all__ = ["RESUME_FIXED", "STATUSES", "TABLES", "MetricsLog", "Recorder", "ResultsDB", "beat", "check_resumable",
            "claim_run", "connect", "copy_sweep_rows", "create_schema", "flat_config", "git_commit", "has_schema",
-           "load_run", "merge_databases", "read_all", "register_runs", "release_run", "reopen_finished", "run_name",
-           "run_spec", "set_run_spec", "sweep_rows", "transaction", "write_run_files"]
+           "load_run", "merge_databases", "read_all", "record_final_metrics", "register_runs", "release_run",
+           "reopen_finished", "run_name", "run_spec", "set_run_spec", "sweep_rows", "transaction", "write_run_files"]

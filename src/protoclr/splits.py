@@ -14,7 +14,8 @@ from ``hash()``, which Python randomises per process), so every process and ever
     PROBE_FIT     the images the final probes (kNN bank, linear probe) fit on
     epoch order   a permutation per (seed, epoch)
 The held-out draws (scored images, the diagnostics' probe set) use the fixed seed ``HELD_OUT``, the same for every
-run, so that runs of different seeds are scored on the same images.
+run, so that runs of different seeds are scored on the same images; ``protoclr evaluate --train-subset`` draws its
+fit set with the fixed seed ``EVAL_FIT`` for the same reason.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ CLASS_PROFILE = 0
 KNN_BANK = 1
 PROBE_FIT = 2
 HELD_OUT = 0  # a fixed seed, not an offset: every run scores the same held-out images
+EVAL_FIT = 0  # a fixed seed: protoclr evaluate --train-subset N fits every run on the same N training images
 
 
 def permutation(n: int, seed: int) -> torch.Tensor:
@@ -292,6 +294,7 @@ def epoch_batches(data: Any, *, seed: int, epoch: int, batch_size: int, rank: in
 
 __all__ = [
     "CLASS_PROFILE",
+    "EVAL_FIT",
     "HELD_OUT",
     "KNN_BANK",
     "PROBE_FIT",

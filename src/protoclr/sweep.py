@@ -46,6 +46,7 @@ import torch
 import yaml
 
 from protoclr import atomic, jobs, runs, splits
+from protoclr import measure as M
 from protoclr.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, read_yaml
 from protoclr.errors import UserError
 from protoclr.measure import final_metrics
@@ -290,14 +291,13 @@ def execute_run(db_path: Path, rid: str) -> str:
         fit_sets = {"": splits.probe_fit_set(split, cfg)}
         if cfg.data.class_profile != "none":  # the same probes fitted on the (imbalanced) pretraining set, for contrast
             train = splits.class_profiled(split, cfg.data, seed=cfg.train.seed)
-            fit_sets["_pretrain_set"] = splits.draw(train, cfg.eval.train_images,
+            fit_sets[M.PRETRAIN_SET] = splits.draw(train, cfg.eval.train_images,
                                                     seed=cfg.train.seed + splits.PROBE_FIT)
         final = final_metrics(encoder.to(device), fit_sets, test, spec, cfg, device=device)
         if diverged:
-            final = {f"{k}_last_good" if k.startswith("eval_") and k.endswith("top1") else k: v
-                     for k, v in final.items()}
+            final = M.as_last_good(final)
         row = db.get_run(rid)
-        diag_last = {k: v for k, v in (db.epochs(rid) or [{}])[-1].items() if k.startswith("diag_")}
+        diag_last = M.diagnostics_only((db.epochs(rid) or [{}])[-1])
         db.finish_run(rid, row["status"], {**(row["final_metrics"] or {}), **diag_last, **final},
                       message=row["message"])
         return "done"
