@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from protoclr import atomic
+from protoclr import atomic, measure, splits
 from protoclr import evaluate as ev
-from protoclr import measure, splits
 from protoclr.config import load_config
 from protoclr.data import LabeledImages
 from protoclr.diagnostics import diagnose_features
