@@ -48,6 +48,7 @@ CASES = [
     ("pretrain data.dataset=cifar11", "data.dataset: unknown dataset"),
     ("pretrain data.dataset=cifar10 data.root={folder}", "cifar10 not found"),
     ("pretrain train.epochs=two", "train.epochs: expected an integer"),
+    ("pretrain loss.name=foo", "loss.name: unknown loss 'foo'; choose one of nt_xent, "),
     ("pretrain --resume {folder}", "holds no checkpoint.pt"),
     ("evaluate {junk}", "junk.pt is not a protoclr checkpoint"),
     ("evaluate {torch_dict}", "weights.pt is a torch file but not a protoclr checkpoint"),

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from protoclr import data, loggers, losses, models, optim, targets, views
 from protoclr.config import Config, ConfigError, config_from_dict, load_config
+from protoclr.sweep import Sweep, SweepError, check_sweep
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -165,3 +167,59 @@ def test_a_vit_input_side_must_match_the_views():
     with pytest.raises(ConfigError, match=r"model\.timm_img_size: 32 differs from the 28-pixel views of "
                                           r"data\.views=simclr_small; set model\.timm_img_size=28"):
         load_config(None, [*vit, "model.timm_img_size=32"])
+
+
+# Every choice key and the table it is validated against: the module that owns the names (STYLE.md).
+CHOICE_KEYS = [
+    ("data.dataset", data, "DATASETS"),
+    ("data.views", views, "PRESETS"),
+    ("data.view_modifiers", views, "MODIFIERS"),
+    ("model.norm", models, "NORMS"),
+    ("loss.name", losses, "LOSSES"),
+    ("loss.similarity", losses, "SIMILARITIES"),
+    ("loss.scale", losses, "SCALES"),
+    ("optim.name", optim, "OPTIMIZERS"),
+    ("target.name", targets, "TARGETS"),
+    ("trainer.loggers", loggers, "LOGGERS"),
+]
+
+
+@pytest.mark.parametrize(("key", "owner", "table"), CHOICE_KEYS, ids=[k for k, _, _ in CHOICE_KEYS])
+def test_a_bad_choice_is_one_line_naming_the_key_the_value_and_the_owners_choices(key, owner, table):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}=nonesuch"])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{key}: ") and "'nonesuch'" in msg, msg
+    assert all(name in msg for name in getattr(owner, table)), msg
+
+
+@pytest.mark.parametrize(("key", "owner", "table"), CHOICE_KEYS, ids=[k for k, _, _ in CHOICE_KEYS])
+def test_a_choice_is_read_from_its_owners_table(key, owner, table, monkeypatch):
+    """A name added to the owner's table is valid in the config at once: a list re-spelled in config.py would
+    refuse it."""
+    names = getattr(owner, table)
+    if isinstance(names, dict):
+        monkeypatch.setitem(names, "added", next(iter(names.values())))
+    else:
+        monkeypatch.setattr(owner, table, (*names, "added"))
+    load_config(None, [f"{key}=added"])
+
+
+def test_a_misspelt_choice_gets_a_did_you_mean():
+    with pytest.raises(ConfigError, match=r"^loss\.name: unknown loss 'balancd'; .* did you mean 'balanced'\?$"):
+        load_config(None, ["loss.name=balancd"])
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_a_queue_is_allowed_exactly_for_the_presets_with_all_negatives(name):
+    overrides = [f"loss.name={name}", "target.queue_size=64"]
+    if name in losses.PRESETS and losses.PRESETS[name].negatives == "all":
+        load_config(None, overrides)
+    else:
+        with pytest.raises(ConfigError, match=r"target\.queue_size"):
+            load_config(None, overrides)
+
+
+def test_a_sweep_over_an_unknown_loss_is_refused_before_it_runs():
+    with pytest.raises(SweepError, match=r"loss\.name: unknown loss 'foo'"):
+        check_sweep(Sweep(name="s", base=None, grid={"loss.name": ["balanced", "foo"]}, seeds=1))

@@ -7,8 +7,11 @@ import math
 import pytest
 import torch
 
-from protoclr import atomic
+from protoclr import atomic, measure, splits
 from protoclr import evaluate as ev
+from protoclr.config import load_config
+from protoclr.data import LabeledImages
+from protoclr.diagnostics import diagnose_features
 from protoclr.splits import class_groups
 
 
@@ -333,3 +336,66 @@ def test_keys_name_their_protocol():
                          "eval_cifar10_linear_top5_fit300"}
     assert M.full_metrics({M.SCORE_KNN: 0.3}, of=M.RAW_PIXEL) == {"raw_pixel_knn_top1_full": 0.3}
     assert M.on_dataset(M.BIAS, "cifar10") == "diag_cifar10_bias_angle_deg"
+
+
+def test_the_knn_protocol_weights_neighbours_at_temperature_0_1():
+    """One test row, three neighbours (k = 3 <= KNN_K: all of them): class 0 one at cosine 0.90, class 1 two at
+    0.84. Scores exp(s / T): class 0 wins iff 0.06 / T > log 2, so T = 0.1 says class 1, T = 0.07 (DINO's) class 0."""
+    def at(cos: float) -> list[float]:
+        return [cos, math.sqrt(1 - cos**2)]
+
+    f_train = torch.tensor([at(0.90), at(0.84), at(0.84)])
+    y_train = torch.tensor([0, 1, 1])
+    f_test, y_test = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
+    got = measure.score_features(f_train, y_train, f_test, y_test, num_classes=2, linear=False)
+    assert got == {"knn_top1": 1.0}
+    # the case is sharp: at T = 0.07 the same rows say class 0
+    other = ev.knn_accuracy(f_train, y_train, f_test, y_test, num_classes=2, k=3, temperature=0.07)["top1"]
+    assert other == 0.0
+
+
+def _indexed_images(n: int, num_classes: int) -> LabeledImages:
+    """Image ``i`` carries ``i`` in its first two pixels, so a draw's indices can be read back from its images."""
+    images = torch.zeros(n, 1, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = torch.arange(n) // 256, torch.arange(n) % 256
+    return LabeledImages(labels=torch.arange(n) % num_classes, classes=[str(c) for c in range(num_classes)],
+                         images=images)
+
+
+def _drawn(data: LabeledImages) -> torch.Tensor:
+    return data.images[:, 0, 0, 0].long() * 256 + data.images[:, 0, 0, 1].long()
+
+
+def test_the_probe_fit_set_is_the_seeded_draw_of_the_run():
+    """The final probes fit on a draw fixed by train.seed (seed + PROBE_FIT): every call, every process and every
+    evaluation of a run picks the same images. Reference: a permutation written out here."""
+    split = _indexed_images(1000, 10)
+    cfg = load_config(None, ["train.seed=3", "eval.train_images=100"])
+    want = torch.randperm(1000, generator=torch.Generator().manual_seed(3 + 2))[:100].sort().values
+    for _ in range(2):
+        assert torch.equal(_drawn(splits.probe_fit_set(split, cfg)), want)
+    other = load_config(None, ["train.seed=4", "eval.train_images=100"])
+    assert not torch.equal(_drawn(splits.probe_fit_set(split, other)), want)
+    # a class-profiled run: a class-balanced draw, also fixed by the seed
+    lt = load_config(None, ["train.seed=3", "eval.train_images=100", "data.class_profile=longtail"])
+    first, second = (_drawn(splits.probe_fit_set(split, lt)) for _ in range(2))
+    assert torch.equal(first, second) and torch.bincount(split.labels[first], minlength=10).tolist() == [10] * 10
+
+
+def test_the_headline_keys_carry_the_reports_own_values():
+    """measure.headline copies each bound term of the report into its own key: the supervised and the surrogate
+    attraction (and the repulsion terms) are not interchangeable."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    centers = torch.randn(4, 8, generator=g)
+    feats = {head: centers[labels] + 0.5 * torch.randn(3, 40, 8, generator=g) for head in ("backbone", "projector")}
+    report = diagnose_features(feats, labels, num_classes=4, alphas=(2.0,), nus=(1.0,))
+    out = measure.headline(report, alpha=2.0, nu=1.0)
+    a, r = report["bounds"]["attraction"], report["bounds"]["repulsion"]["alpha=2,nu=1"]
+    assert a["supervised"] != a["surrogate"] and r["supervised"] != r["self_supervised"]
+    # the key names written out: they are what runs.db and the report read
+    assert out["diag_attraction_sup"] == a["supervised"]
+    assert out["diag_attraction_surrogate"] == a["surrogate"]
+    assert out["diag_attraction_ssl"] == a["self_supervised"]
+    assert out["diag_attraction_gap"] == a["gap"]
+    assert out["diag_repulsion_sup"] == r["supervised"] and out["diag_repulsion_ssl"] == r["self_supervised"]

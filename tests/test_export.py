@@ -15,7 +15,7 @@ from protoclr.config import load_config
 from protoclr.data import load_dataset
 from protoclr.export import FORMATS, export, open_run
 from protoclr.train import pretrain
-from protoclr.views import eval_images
+from protoclr.views import config_view_spec, eval_images
 
 # one optimizer step from a fresh init: enough to make every weight (and the BatchNorm statistics) the run's own
 QUIET = ["data.train_subset=64", "train.batch_size=32", "train.steps=1", "eval.every=0", "trainer.precision=32-true",
@@ -138,6 +138,9 @@ def test_safetensors_loads_into_the_backbones_own_library_with_the_config_in_the
     saved = load_config(runs(name) / "config.yaml").to_dict()
     assert json.loads(header["protoclr_config"]) == saved
     assert (header["in_channels"], header["input_size"], json.loads(header["mean"])) == ("1", "28", [0.286])
+    spec = config_view_spec(load_config(runs(name) / "config.yaml").data)  # the run's own view statistics
+    assert (json.loads(header["mean"]), json.loads(header["std"])) == (list(spec.mean), list(spec.std))
+    assert spec.std != spec.mean  # so that a header holding the mean twice fails
     assert header["key_layout"] == {"resnet18_small": "torchvision", "convnet": "protoclr", "vit": "timm"}[name]
     assert int(header["feature_dim"]) == h.shape[1]
     if name == "vit":  # the timm user's own lines, written out here rather than taken from the recipe

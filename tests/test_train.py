@@ -20,6 +20,7 @@ import yaml
 from twoproc import pretrain_one_and_two
 
 from protoclr import checkpoint as ckpt
+from protoclr import splits
 from protoclr.config import load_config
 from protoclr.models import build_encoder
 from protoclr.runs import ResultsDB, load_run
@@ -240,6 +241,67 @@ def test_run_killed_between_checkpoints_resumes_bit_identical(full_run, tmp_path
         for k in a[group]:
             assert torch.equal(a[group][k], b[group][k]), f"{group}.{k} differs after the kill and resume"
     assert ResultsDB(tmp_path / "runs.db").epochs("killed") == ResultsDB(full_run.parent / "runs.db").epochs("full")
+
+
+# One epoch of 4 steps, nothing measured: the resume tests below compare weights only.
+SHORT = ["train.epochs=1", "eval.every=0", "eval.online_probe=false", "trainer.loggers=[]"]
+
+
+def _noisy_steps(monkeypatch) -> None:
+    """Every step reads the global torch RNG (as dropout or noise in the views would): the loss gains a random
+    term, so a resumed run matches only if the global RNG resumes exactly where the interrupted run left it."""
+    import protoclr.train as T
+
+    def noisy(loss):
+        def wrapped(z, *args, **kw):
+            return loss(z, *args, **kw) + 0.1 * (z * torch.rand_like(z)).mean()
+        return wrapped
+
+    monkeypatch.setattr(T, "contrastive_loss", noisy(T.contrastive_loss))
+    monkeypatch.setattr(T, "supervised_prototype_loss", noisy(T.supervised_prototype_loss))
+
+
+def _stopped_and_resumed(out: Path, *overrides: str) -> tuple[Path, Path]:
+    """``(uninterrupted, resumed)``: the same run made in one go, and stopped by train.max_steps after step 2 of
+    4 (inside the epoch) then resumed in this process."""
+    full = pretrain(tiny(out, "train.run_name=full", *SHORT, *overrides))
+    pretrain(tiny(out, "train.run_name=part", "train.max_steps=2", *SHORT, *overrides))
+    assert ckpt.load(out / "part" / "checkpoint.pt")["step"] == 2
+    part = pretrain(tiny(out, "train.run_name=part", *SHORT, *overrides))
+    assert json.loads((part / "meta.json").read_text())["resumed_at_step"] == 2
+    return full, part
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = ckpt.load(a / "checkpoint.pt")["model"], ckpt.load(b / "checkpoint.pt")["model"]
+    assert wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"weights differ after resume: {differ[:5]}"
+
+
+def test_resume_is_bit_identical_when_steps_read_the_global_rng(tmp_path, monkeypatch, fashion_mnist_dir):
+    """Catches a resume one global-RNG draw ahead (the epoch's DataLoader drawing its base seed from the global
+    RNG after the checkpoint's RNG state is restored) and a resume that restores no RNG state at all."""
+    _noisy_steps(monkeypatch)
+    _assert_same_weights(*_stopped_and_resumed(tmp_path))
+
+
+def test_epoch_batches_leave_the_global_rng_alone():
+    data = splits.FakeImages(8, (1, 4, 4), 2)
+    before = torch.get_rng_state()
+    for _ in splits.epoch_batches(data, seed=0, epoch=0, batch_size=4):
+        pass
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_supervised_resume_keeps_the_prototype_bank(tmp_path, monkeypatch, fashion_mnist_dir):
+    """loss.name=supervised_prototype: the class-prototype bank (targets.TargetBranch state) after step 2 is what
+    step 3's loss pulls toward; a resume that restarts it from zero ends with other weights."""
+    _noisy_steps(monkeypatch)
+    full, part = _stopped_and_resumed(tmp_path, "loss.name=supervised_prototype")
+    bank = ckpt.load(part / "checkpoint.pt")["target"]["bank"]
+    assert bank is not None and any(v.abs().sum() > 0 for v in bank.values() if v.is_floating_point())
+    _assert_same_weights(full, part)
 
 
 _KILLED_WRITER = """

@@ -23,15 +23,8 @@ from typing import Any
 
 import yaml
 
-from protoclr.data import DATASETS
+from protoclr import data, loggers, losses, models, optim, targets, views
 from protoclr.errors import ConfigError
-from protoclr.models import check_backbone
-from protoclr.views import MODIFIERS, PRESETS, config_view_spec
-
-# target.name values (the loop in protoclr.train implements each; docs/training.md describes them)
-TARGETS = ("shared", "stop_gradient", "momentum", "multi_view_mean")
-# trainer.loggers values (protoclr.train.LOGGERS builds each; wandb and mlflow need their extras)
-LOGGERS = ("tensorboard", "csv", "wandb", "mlflow")
 
 
 @dataclass
@@ -230,7 +223,26 @@ class Config:
 
     def validate(self) -> Config:
         """Range and choice checks; raises :class:`ConfigError` naming the first offending key."""
-        d, m, lo, o, t, ev = self.data, self.model, self.loss, self.optim, self.train, self.eval
+        d, m, lo, o, t, ev, tg = self.data, self.model, self.loss, self.optim, self.train, self.eval, self.target
+        # (key, value, what it names, the owner's table of valid values): read here at validation, never re-spelled
+        choices: list[tuple[str, Any, str, Any]] = [
+            ("data.dataset", d.dataset, "dataset", data.DATASETS),
+            ("data.views", d.views, "view preset", views.PRESETS),
+            *[("data.view_modifiers", mod, "modifier", views.MODIFIERS) for mod in d.view_modifiers],
+            ("model.norm", m.norm, "norm", models.NORMS),
+            ("loss.name", lo.name, "loss", losses.LOSSES),
+            ("loss.similarity", lo.similarity, "similarity", losses.SIMILARITIES),
+            # preset: the preset's own scale (losses.preset_options)
+            ("loss.scale", lo.scale, "scale", ("preset", *losses.SCALES)),
+            ("optim.name", o.name, "optimizer", optim.OPTIMIZERS),
+            ("target.name", tg.name, "target", targets.TARGETS),
+            *[("trainer.loggers", name, "logger", loggers.LOGGERS) for name in self.trainer.loggers],
+        ]
+        for key, value, what, table in choices:
+            if value not in table:
+                close = difflib.get_close_matches(str(value), list(table), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{key}: unknown {what} {value!r}; choose one of {', '.join(table)}{hint}")
         checks: list[tuple[str, bool, str]] = [
             ("data.num_views", d.num_views >= 2, "must be >= 2"),
             ("data.local_views", d.local_views >= 0, "must be >= 0"),
@@ -247,7 +259,6 @@ class Config:
              "must be one of none, longtail, uniform"),
             ("data.longtail_profile", d.longtail_profile in ("exp", "pareto"), "must be exp or pareto"),
             ("data.imbalance_ratio", d.imbalance_ratio >= 1, "must be >= 1 (largest / smallest class)"),
-            ("model.norm", m.norm in ("batch", "group", "none"), "must be one of batch, group, none"),
             ("model.projector_layers", m.projector_layers >= 0, "must be >= 0"),
             ("model.projector_hidden_dim", m.projector_hidden_dim >= 1, "must be >= 1"),
             ("model.projector_dim", m.projector_dim >= 1, "must be >= 1"),
@@ -260,12 +271,8 @@ class Config:
             ("loss.alpha", lo.alpha > 0, "must be > 0"),
             ("loss.lam", lo.lam >= 0, "must be >= 0"),
             ("loss.nu", lo.nu > 0, "must be > 0 (it divides the repulsion weight)"),
-            ("loss.similarity", lo.similarity in ("cosine", "dot", "neg_euclidean"),
-             "must be one of cosine, dot, neg_euclidean"),
-            ("loss.scale", lo.scale in ("preset", "none", "inverse_alpha"), "must be preset, none or inverse_alpha"),
             ("loss.chunk_size", lo.chunk_size >= 0, "must be >= 0"),
             ("loss.prototype_momentum", 0 <= lo.prototype_momentum < 1, "must be in [0, 1)"),
-            ("optim.name", o.name in ("sgd", "lars", "adamw"), "must be sgd, lars or adamw"),
             ("optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
              "must be [beta1, beta2], each in [0, 1)"),
             ("optim.base_lr", o.base_lr >= 0, "must be >= 0 (a learning rate cannot be negative)"),
@@ -295,9 +302,8 @@ class Config:
             ("data.uniform_total", d.uniform_total >= 0, "must be >= 0 (0 = the long-tailed set's size)"),
             ("trainer.num_nodes", self.trainer.num_nodes >= 1, "must be >= 1"),
         ]
-        tg = self.target
+        all_negatives = [name for name, p in losses.PRESETS.items() if p.negatives == "all"]  # the queue's users
         checks += [
-            ("target.name", tg.name in TARGETS, f"must be one of {', '.join(TARGETS)}"),
             ("target.momentum_start", 0 <= tg.momentum_start <= 1, "must be in [0, 1]"),
             ("target.queue_size", tg.queue_size >= 0, "must be >= 0"),
             ("target.name", tg.name != "multi_view_mean" or d.num_views > 2,
@@ -306,32 +312,21 @@ class Config:
             ("target.name", tg.name == "shared" or lo.name != "supervised_prototype",
              "loss.name=supervised_prototype pulls toward class prototypes, not toward a target branch; "
              "use target.name=shared"),
-            ("target.queue_size", tg.queue_size == 0 or lo.name not in ("balanced", "supervised_prototype"),
-             f"a queue adds negatives to candidates drawn from every view (negatives='all': nt_xent, "
-             f"generalized_nt_xent, decoupled); loss.name={lo.name} does not use them"),
+            ("target.queue_size", tg.queue_size == 0 or lo.name in all_negatives,
+             f"a queue adds negatives to candidates drawn from every view (negatives='all': "
+             f"{', '.join(all_negatives)}); loss.name={lo.name} does not use them"),
         ]
-        checks.append(("data.dataset", d.dataset in DATASETS, f"unknown dataset; choose one of {', '.join(DATASETS)}"))
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{key}: {why}, got {_get(self, key)!r}")
-        if d.views not in PRESETS:
-            raise ConfigError(f"data.views: unknown view preset {d.views!r}; choose one of {', '.join(PRESETS)}")
-        for mod in d.view_modifiers:
-            if mod not in MODIFIERS:
-                raise ConfigError(f"data.view_modifiers: unknown modifier {mod!r}; choose from {', '.join(MODIFIERS)}")
         try:
-            spec = config_view_spec(d)
+            spec = views.config_view_spec(d)
         except ValueError as e:
             raise ConfigError(f"data.view_overrides: {e}") from None
         if m.timm_img_size and m.timm_img_size != spec.size:
             raise ConfigError(f"model.timm_img_size: {m.timm_img_size} differs from the {spec.size}-pixel views of "
                               f"data.views={d.views}; set model.timm_img_size={spec.size}")
-        check_backbone(m.backbone)  # timm names: against timm.list_models(), no model built
-        # a logger's package is checked when the logger is built (protoclr.train.setup_fabric), not here: a run
-        # logged to W&B must still load (evaluate, export) where wandb is not installed
-        for name in self.trainer.loggers:
-            if name not in LOGGERS:
-                raise ConfigError(f"trainer.loggers: unknown logger {name!r}; choose from {', '.join(LOGGERS)}")
+        models.check_backbone(m.backbone)  # timm names: against timm.list_models(), no model built
         return self
 
 
@@ -483,8 +478,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 __all__ = [
-    "LOGGERS",
-    "TARGETS",
     "Config",
     "ConfigError",
     "DataConfig",

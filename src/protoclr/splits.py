@@ -13,6 +13,8 @@ from ``hash()``, which Python randomises per process), so every process and ever
     KNN_BANK      the in-training kNN monitor's bank
     PROBE_FIT     the images the final probes (kNN bank, linear probe) fit on
     epoch order   a permutation per (seed, epoch)
+    LOADER        the epoch DataLoader's own generator, per (seed, epoch): its workers' base seed is drawn from it,
+                  not from the global RNG, so that a resumed run's global RNG continues where it was saved
 The held-out draws (scored images, the diagnostics' probe set) use the fixed seed ``HELD_OUT``, the same for every
 run, so that runs of different seeds are scored on the same images; ``protoclr evaluate --train-subset`` draws its
 fit set with the fixed seed ``EVAL_FIT`` for the same reason.
@@ -34,6 +36,7 @@ TRAIN_SUBSET = 0
 CLASS_PROFILE = 0
 KNN_BANK = 1
 PROBE_FIT = 2
+LOADER = 3
 HELD_OUT = 0  # a fixed seed, not an offset: every run scores the same held-out images
 EVAL_FIT = 0  # a fixed seed: protoclr evaluate --train-subset N fits every run on the same N training images
 
@@ -289,7 +292,11 @@ def epoch_batches(data: Any, *, seed: int, epoch: int, batch_size: int, rank: in
     batches = EpochBatches(data, epoch_order(len(data), seed=seed, epoch=epoch), batch_size=batch_size, rank=rank,
                            world_size=world_size, start=start, stop=stop,
                            crops=(*crops, seed, epoch) if crops is not None else None)
-    return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    # without a generator, iterating the loader draws its base seed from the global RNG (after a resume has
+    # restored it: the resumed run would be one draw ahead of the uninterrupted one)
+    generator = torch.Generator().manual_seed((seed + LOADER) * 1_000_003 + epoch)
+    return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                       generator=generator)
 
 
 __all__ = [
@@ -297,6 +304,7 @@ __all__ = [
     "EVAL_FIT",
     "HELD_OUT",
     "KNN_BANK",
+    "LOADER",
     "PROBE_FIT",
     "TRAIN_SUBSET",
     "EpochBatches",

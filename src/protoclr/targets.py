@@ -28,6 +28,9 @@ import torch.nn as nn
 from protoclr.distributed import all_gather_no_grad
 from protoclr.losses import PrototypeBank
 
+# target.name values (TargetBranch implements each; protoclr.config validates target.name against this tuple)
+TARGETS = ("shared", "stop_gradient", "momentum", "multi_view_mean")
+
 
 def momentum_schedule(*, start: float, total_steps: int) -> torch.Tensor:
     """(total_steps,) float64: ``m_k = 1 - (1 - start) * (cos(pi k / K) + 1) / 2``, from ``start`` toward 1
@@ -126,4 +129,4 @@ class TargetBranch:
             self.bank.load_state_dict(state["bank"])
 
 
-__all__ = ["TargetBranch", "ema_update", "enqueue", "momentum_schedule"]
+__all__ = ["TARGETS", "TargetBranch", "ema_update", "enqueue", "momentum_schedule"]

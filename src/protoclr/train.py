@@ -27,7 +27,6 @@ import argparse
 import copy
 import logging
 import math
-import os
 import random
 import shutil
 import sys
@@ -42,60 +41,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import protoclr
-from protoclr import checkpoint, extras, runs, splits
-from protoclr.config import Config, ConfigError, OptimConfig, load_config
+from protoclr import checkpoint, runs, splits
+from protoclr.config import Config, ConfigError, load_config
 from protoclr.distributed import all_gather_no_grad
+from protoclr.loggers import LOGGERS
 from protoclr.losses import config_options, contrastive_loss, supervised_prototype_loss
 from protoclr.measure import Monitor
-from protoclr.models import Encoder, build_encoder, param_groups
+from protoclr.models import Encoder, build_encoder
+from protoclr.optim import LARS, build_optimizer
 from protoclr.targets import TargetBranch
 from protoclr.views import train_views
 
 # ----------------------------------------------------------------------------------------------------------
-# optimizer and schedule
-
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017, as used by SimCLR).
-
-    Per parameter: ``d = grad + wd * p``; unless its group has ``lars_exclude`` (biases and norm parameters),
-    ``d *= eta * ||p|| / ||d||`` (1 when either norm is 0); then ``v = momentum * v + d`` and
-    ``p -= lr * v`` (PyTorch's SGD momentum convention).
-    """
-
-    def __init__(self, params, *, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False))
-
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if group["weight_decay"]:
-                    d = d.add(p, alpha=group["weight_decay"])
-                if not group["lars_exclude"]:
-                    pn, dn = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    trust = torch.where((pn > 0) & (dn > 0), group["eta"] * pn / dn, torch.ones_like(pn))
-                    d = d * trust
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = d.clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum), LARS or AdamW (Loshchilov & Hutter 2019: decoupled weight decay) over two groups
-    (``models.param_groups``): decayed weights, and biases / norm parameters / ViT tokens with no decay."""
-    groups = param_groups(model, weight_decay=cfg.weight_decay)
-    if cfg.name == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.betas[0], cfg.betas[1]))
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+# schedule
 
 
 def lr_schedule(*, peak: float, total_steps: int, warmup_steps: int, final: float = 0.0) -> torch.Tensor:
@@ -108,7 +66,7 @@ def lr_schedule(*, peak: float, total_steps: int, warmup_steps: int, final: floa
 
 
 # ----------------------------------------------------------------------------------------------------------
-# devices, precision, loggers
+# devices, precision
 
 
 def cpu_has_bf16() -> bool:
@@ -119,53 +77,6 @@ def cpu_has_bf16() -> bool:
         return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
     except AttributeError:  # an older torch without the probes
         return False
-
-
-def _tensorboard(run_dir: Path) -> Any:
-    from lightning.fabric.loggers import TensorBoardLogger
-
-    # no hp_metric placeholder scalar next to the hyperparameters
-    return TensorBoardLogger(root_dir=run_dir, name="tensorboard", version="", default_hp_metric=False)
-
-
-def _csv(run_dir: Path) -> Any:
-    from lightning.fabric.loggers import CSVLogger
-
-    # one csv/version_N per launch: the CSV logger rewrites an existing file, so a resume gets its own
-    return CSVLogger(root_dir=run_dir, name="csv")
-
-
-def _wandb(run_dir: Path) -> Any:
-    extras.require("wandb", why="trainer.loggers=wandb")
-    from lightning.pytorch.loggers import WandbLogger  # Fabric takes Lightning's loggers; it has no W&B one
-
-    # offline (no account, no network; `wandb sync <run>/wandb/offline-run-*` uploads later) unless the user
-    # chose a mode or gave a key
-    offline = not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"))
-
-    class Logger(WandbLogger):
-        def finalize(self, status: str) -> None:
-            super().finalize(status)
-            if self._experiment is not None:  # else the next run in this process would join this one
-                self._experiment.finish(exit_code=0 if status == "success" else 1)
-
-    return Logger(save_dir=str(run_dir), name=run_dir.name, offline=offline,
-                  project=os.environ.get("WANDB_PROJECT", "protoclr"))
-
-
-def _mlflow(run_dir: Path) -> Any:
-    extras.require("mlflow", why="trainer.loggers=mlflow")
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    # MLflow 3 refuses its plain-file store; a SQLite file in the run folder is the local store that needs no server
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
-    return MLFlowLogger(experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "protoclr"), run_name=run_dir.name,
-                        tracking_uri=uri, artifact_location=(run_dir.resolve() / "mlartifacts").as_uri())
-
-
-# trainer.loggers name -> constructor(run_dir); the names and their packages are config.LOGGERS
-LOGGERS: dict[str, Callable[[Path], Any]] = {"tensorboard": _tensorboard, "csv": _csv, "wandb": _wandb,
-                                             "mlflow": _mlflow}
 
 
 def setup_fabric(cfg: Config, run_dir: Path | None):
