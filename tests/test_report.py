@@ -49,7 +49,7 @@ def _add(db_path: Path, sweep: str, study: str, point: dict, seed: int, config: 
                               "diag_repulsion_sup": 0.4, "diag_repulsion_ssl": 1.2, "diag_repulsion_gap": 0.8,
                               "diag_repulsion_gap/alpha2_nu1": 1.5 + 0.1 * e + 0.01 * seed,
                               "diag_nu1_violates": float(e == 0)})
-    final = {"diag_bias_angle_deg": bias, "diag_attraction_gap": 0.05 / epochs + 0.01 * seed}
+    final = {"diag_bias_angle_deg": bias, "diag_attraction_gap": 0.05 / max(epochs, 1) + 0.01 * seed}
     final |= {"eval_linear_top1": acc} if acc is not None else {}
     final |= extra or {}
     db.finish_run(rid, status, final)
@@ -178,39 +178,126 @@ def test_missing_database_is_a_clear_error(tmp_path, capsys):
     assert "nope.db does not exist" in capsys.readouterr().err
 
 
-def test_t_quantiles_and_paired_interval_against_scipy():
+def test_t_distribution_paired_test_and_mde_against_scipy():
     stats = pytest.importorskip("scipy.stats")
-    for df in (1, 2, 5, 9, 30, 31, 60, 200):
-        assert C.t975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=2e-3 if df > 30 else 1e-3)
+    for df in (1, 2, 4, 9, 30, 31, 60, 200):
+        for t in (-3.1, -0.4, 0.0, 0.7, 2.5, 12.0):
+            assert C.t_cdf(t, df) == pytest.approx(stats.t.cdf(t, df), abs=1e-10)
+        for q in (0.8, 0.975, 0.99808):
+            assert C.t_ppf(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-7)
     diffs = [1.2, 0.4, 2.0, 0.9, 1.5]
-    m, lo, hi, n = C.paired_interval(diffs)
+    t = C.paired_test(diffs)
     ref = stats.t.interval(0.95, len(diffs) - 1, loc=stats.tmean(diffs), scale=stats.sem(diffs))
-    assert (m, n) == (pytest.approx(1.2), 5)
-    assert (lo, hi) == (pytest.approx(ref[0], rel=1e-3), pytest.approx(ref[1], rel=1e-3))
-    assert C.verdict(lo, hi, sign=1) == "reproduced" and C.verdict(lo, hi, sign=-1) == "contradicted"
-    assert C.verdict(-0.5, 0.7, sign=1) == "not shown" and C.verdict(-0.5, 0.7, sign=0, margin=1) == "reproduced"
-    assert C.verdict(-0.5, 1.7, sign=0, margin=1) == "not shown"
-    assert C.verdict(1.2, 1.7, sign=0, margin=1) == "contradicted"
-    assert C.paired_interval([0.3])[3] == 1 and math.isnan(C.paired_interval([0.3])[1])
+    assert (t.mean, t.n) == (pytest.approx(1.2), 5) and t.sd == pytest.approx(stats.tstd(diffs))
+    assert (t.lo, t.hi) == (pytest.approx(ref[0], rel=1e-7), pytest.approx(ref[1], rel=1e-7))
+    assert t.p == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue, rel=1e-7)
+    assert C.paired_test([0.3]).n == 1 and math.isnan(C.paired_test([0.3]).lo)
+    # the MDE is the effect a two-sided t-test at the level detects with 80% power (scipy's noncentral t)
+    for n, level in ((3, 0.05), (3, 0.05 / 13), (5, 0.05 / 13), (10, 0.01)):
+        d = C.mde(sd=0.4, n=n, level=level)
+        crit, nc = stats.t.ppf(1 - level / 2, n - 1), d / 0.4 * math.sqrt(n)
+        assert stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc) == pytest.approx(0.8, abs=2e-3)
 
 
-def test_claims_pair_runs_by_seed_and_config(tmp_path):
-    """Pairs are the runs that differ only in the treatment keys, the seed shared; A - B per pair, averaged."""
+def test_holm_against_hand_computation():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone: 0.02, 0.03, 0.06, 0.06
+    assert C.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert C.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and C.holm([]) == []
+
+
+def _t(mean, lo, hi, n=5):
+    return C.Test(mean, lo, hi, 1.0, math.nan, n)
+
+
+def test_verdicts_follow_the_rule_fixed_before_the_runs():
+    # a claim of a decrease whose interval straddles zero is not reproduced, whatever its mean says
+    assert C.verdict(_t(-0.4, -0.9, 0.1), sign=-1, p_holm=0.2, mde_=2.0) == "no effect larger than the MDE"
+    assert C.verdict(_t(-0.4, -0.9, 0.1), sign=-1, p_holm=0.2, mde_=0.5) == "inconclusive"
+    assert C.verdict(_t(-0.4, -0.6, -0.2), sign=-1, p_holm=0.01, mde_=0.5) == "reproduced"
+    assert C.verdict(_t(-0.4, -0.6, -0.2), sign=1, p_holm=0.01, mde_=0.5) == "contradicted"
+    # significant before the correction, not after it: not reproduced
+    assert C.verdict(_t(-0.4, -0.6, -0.2), sign=-1, p_holm=0.08, mde_=0.5) == "inconclusive"
+    assert C.verdict(_t(-0.4, -0.6, -0.2, n=2), sign=-1, p_holm=0.001, mde_=0.5) == "too few runs"
+    assert C.verdict(_t(0.1, -0.5, 0.7), sign=0, p_holm=math.nan, mde_=1, margin=1) == "reproduced"
+    assert C.verdict(_t(0.6, -0.5, 1.7), sign=0, p_holm=math.nan, mde_=1, margin=1) == "inconclusive"
+    assert C.verdict(_t(1.4, 1.2, 1.7), sign=0, p_holm=math.nan, mde_=1, margin=1) == "contradicted"
+    assert C.sig3(-0.0099) == "-0.00990" and C.sig3(-0.0144) == "-0.0144" and C.sig3(0.23) == "+0.230"
+
+
+def _cfg(seed: int, run_name: str, **kw) -> Config:
+    c = Config()
+    c.train.seed, c.train.run_name = seed, run_name
+    for key, v in kw.items():
+        sec, name = key.split("__")
+        setattr(getattr(c, sec), name, v)
+    return c
+
+
+def test_claims_pair_runs_by_seed_and_config_across_sweeps(tmp_path):
+    """Pairs: same seed, same config but the treatment; every run its own run name and the arms measured on
+    different schedules (eval.every), as in a real sweep; unfinished runs never count."""
     path = S.init_db(tmp_path / "runs.db")
-    truth = {0: (0.61, 0.60), 1: (0.64, 0.60), 2: (0.60, 0.61)}  # seed -> (balanced, generalized at its own scale)
-    for seed, (bal, gen) in truth.items():
-        for name, acc in (("balanced", bal), ("generalized_nt_xent", gen)):
-            c = Config()
-            c.loss.name, c.loss.alpha, c.train.seed = name, 2.0, seed
-            _add(path, "g", "loss_balance", {"loss.name": name}, seed, c, acc=acc)
-        c = Config()  # a run with another alpha pairs with nothing
-        c.loss.name, c.loss.alpha, c.train.seed = "balanced", 4.0, seed
-        _add(path, "g", "loss_balance", {"loss.name": "balanced", "loss.alpha": 4.0}, seed, c, acc=0.9)
+    truth = {0: (0.61, 0.60), 1: (0.64, 0.60), 2: (0.60, 0.615)}  # seed -> (lam 2, lam 1) linear accuracy
+    for seed, (lam2, lam1) in truth.items():
+        _add(path, "base", "bounds", {}, seed, _cfg(seed, f"base-s{seed}", loss__name="balanced", loss__alpha=8.0,
+                                                     eval__every=1), acc=lam1)
+        _add(path, "bal", "loss_balance", {"loss.lam": 2}, seed,
+             _cfg(seed, f"bal-s{seed}", loss__name="balanced", loss__alpha=8.0, loss__lam=2.0, eval__every=0),
+             acc=lam2)
+        _add(path, "bal", "loss_balance", {"loss.lam": 2, "loss.alpha": 4}, seed,  # another alpha: pairs with none
+             _cfg(seed, f"bal4-s{seed}", loss__name="balanced", loss__alpha=4.0, loss__lam=2.0), acc=0.9)
+    _add(path, "bal", "loss_balance", {"loss.lam": 2}, 3,  # a seed-3 pair whose A run is still running
+         _cfg(3, "bal-s3", loss__name="balanced", loss__alpha=8.0, loss__lam=2.0), acc=0.99, status="running")
+    _add(path, "base", "bounds", {}, 3, _cfg(3, "base-s3", loss__name="balanced", loss__alpha=8.0), acc=0.5)
     groups, _ = R.load_groups(path)
-    diffs = C.claim_pairs(groups, C.CLAIMS[0])
-    assert sorted(diffs) == pytest.approx(sorted(100 * (b - g) for b, g in truth.values()))
-    assert C.claim_pairs(groups, C.CLAIMS[1]) == []  # no generalized run at the balanced loss's scale
+    balance = next(c for c in C.CLAIMS if c.id == "balance")
+    diffs = C.claim_units(groups, balance)
+    assert sorted(diffs) == pytest.approx(sorted(100 * (a - b) for a, b in truth.values()))
     md = R.write_report(path, tmp_path / "r").read_text()
-    m, lo, hi, _ = C.paired_interval(diffs)
+    t = C.paired_test(diffs)
     assert md.index("## The paper's claims") < md.index("## Against the paper")
-    assert f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] (n=3) | not shown |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| balancing the loss"))
+    assert f"{C.sig3(t.mean)} [{C.sig3(t.lo)}, {C.sig3(t.hi)}] (3 pairs) points" in row
+    assert "inconclusive" in row or "no effect larger" in row  # n = 3 with this spread: nothing reproduced
+
+
+def _epochs(db_path: Path, rid: str, steps: list[int], gaps: list[float]) -> None:
+    db = ResultsDB(db_path)
+    for e, (step, gap) in enumerate(zip(steps, gaps, strict=True)):
+        db.log_epoch(rid, e - 1, {"epoch": e - 1, "step": step, "diag_attraction_gap": gap,
+                                  "diag_attraction_sup": -0.4 + 0.01 * e, "diag_attraction_ssl": -0.7,
+                                  "diag_repulsion_gap": 0.5})
+
+
+def test_within_run_claims_read_last_minus_step_0_over_finished_runs_only(tmp_path):
+    path = S.init_db(tmp_path / "runs.db")
+    steps = [0, 195, 390, 585, 780, 975, 1000]
+    curves = {0: [0.20, 0.15, 0.12, 0.110, 0.108, 0.107, 0.107], 1: [0.21, 0.14, 0.12, 0.112, 0.111, 0.110, 0.110],
+              2: [0.19, 0.16, 0.13, 0.115, 0.112, 0.112, 0.111]}
+    for seed, gaps in curves.items():
+        _add(path, "base", "bounds", {}, seed, _cfg(seed, f"b{seed}", loss__name="balanced"), acc=0.6, epochs=0)
+        _epochs(path, f"base-{hashlib.sha256(b'{}').hexdigest()[:8]}-s{seed}", steps, gaps)
+    _add(path, "late", "bounds", {"x": 1}, 7, _cfg(7, "b7", loss__name="balanced"), acc=None, status="running",
+         epochs=0)  # its last record is not the end of training: a large "shrink" that must not count
+    _epochs(path, f"late-{hashlib.sha256(json.dumps({'x': 1}).encode()).hexdigest()[:8]}-s7", steps[:3],
+            [0.9, 0.1, 0.05])
+    groups, _ = R.load_groups(path)
+    by_id = {c.id: c for c in C.CLAIMS}
+    shrink = C.claim_units(groups, by_id["attraction_slack"])
+    assert sorted(shrink) == pytest.approx(sorted(g[-1] - g[0] for g in curves.values()))  # last - first, < 0
+    sup = C.claim_units(groups, by_id["attraction_supervised"])
+    assert sup == pytest.approx([0.06] * 3)  # (sup - ssl) rises by 6 x 0.01: the supervised reading grows
+
+    def slope(xs, ys):
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+    flat = C.claim_units(groups, by_id["attraction_stabilizes"])
+    want = [abs(slope([s / 1000 for s in steps[-3:]], g[-3:])) - 0.25 * abs(slope([s / 1000 for s in steps[:3]], g[:3]))
+            for g in curves.values()]
+    assert sorted(flat) == pytest.approx(sorted(want))
+    res = {r.claim.id: r for r in C.answer(groups)}
+    assert res["attraction_slack"].verdict == "reproduced" and res["attraction_supervised"].verdict == "contradicted"
+    assert res["repulsion_larger"].test.mean == pytest.approx(0.5 - sum(g[-1] for g in curves.values()) / 3)
+
+

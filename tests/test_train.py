@@ -507,3 +507,15 @@ def test_the_vit_tiny_config_dry_runs_and_trains_a_few_steps(tmp_path, capsys, f
     encoder, _ = load_run(run)
     h, _ = encoder(torch.randn(2, 1, 28, 28))
     assert h.shape == (2, 192) and torch.isfinite(h).all()
+
+
+def test_measuring_during_training_leaves_training_unchanged(full_run, tmp_path):
+    """Per-epoch monitors and diagnostics (and the step-0 record) change no weight: protoclr.claims pairs a run
+    measured every epoch with one measured never (eval.every is not a treatment)."""
+    quiet = pretrain(tiny(tmp_path, "train.run_name=quiet", "eval.every=0"))
+    loud = pretrain(tiny(tmp_path, "train.run_name=loud", "eval.every=1", "eval.diagnostics=true",
+                         "eval.diag_images=100", "eval.diag_views=2"))
+    a, b, c = weights(quiet), weights(loud), weights(full_run)
+    for group in a:
+        for k in a[group]:
+            assert torch.equal(a[group][k], b[group][k]) and torch.equal(a[group][k], c[group][k]), f"{group}.{k}"

@@ -53,6 +53,7 @@ EVAL_LINEAR = "eval_linear_top1"
 # diagnostics (protoclr.diagnostics), per epoch and in final metrics
 BIAS = "diag_bias_angle_deg"  # backbone, L2-normalized: the angle between mu~_x and mu_y
 BIAS_PROJ = "diag_bias_proj_angle_deg"
+BIAS_DEBIASED = "diag_bias_angle_deg_debiased"  # BIAS with the view noise of mu~_x removed (diagnostics)
 ATTRACTION_SUP, ATTRACTION_SURROGATE, ATTRACTION_SSL = "diag_attraction_sup", "diag_attraction_surrogate", \
     "diag_attraction_ssl"
 ATTRACTION_GAP = "diag_attraction_gap"  # self-supervised minus surrogate attraction (>= 0 where the bound holds)
