@@ -316,3 +316,22 @@ def test_named_override_sets_make_points_that_are_not_a_product(tmp_path):
     bad.write_text("grid: {point: [{loss.alpha: -1}]}\n")
     with pytest.raises(S.SweepError, match=r"loss\.alpha: must be > 0"):
         S.load_sweep_file(bad)
+
+
+def test_registered_specs_store_paths_relative_to_the_working_directory(tmp_path, tiny_data, monkeypatch):
+    """A committed runs.db names its sweep file and base config relative to where the sweep ran, never by the
+    machine's absolute path, and the stored path leads back to the same file."""
+    from protoclr import runs
+
+    (tmp_path / "configs" / "cpu").mkdir(parents=True)
+    (tmp_path / "configs" / "base.yaml").write_text("train:\n  steps: 3\n")
+    sweep_file = _sweep_file(tmp_path / "configs" / "cpu", tiny_data, extra={"base": "../base.yaml"})
+    monkeypatch.chdir(tmp_path)
+    sweep = S.load_sweep_file(sweep_file.resolve())  # typed as an absolute path
+    specs = S.expand(sweep)
+    db = S.init_db(tmp_path / "out" / "runs.db")
+    S.register(db, sweep, specs, command="protoclr sweep")
+    spec = runs.run_spec(db, specs[0].run_id)
+    assert (spec["base"], spec["source"]) == ("configs/base.yaml", "configs/cpu/tiny.yaml")
+    assert (tmp_path / spec["base"]).resolve() == (tmp_path / "configs" / "base.yaml").resolve()
+    assert str(tmp_path) not in json.dumps(spec["base"]) + json.dumps(spec["source"])

@@ -268,8 +268,14 @@ def register(db_path: Path, sweep: Sweep, specs: list[RunSpec], *, command: str)
     that first registered it)."""
     runs.register_runs(db_path, [
         {"run_id": r.run_id, "sweep": sweep.name, "study": sweep.study, "point": r.point, "seed": r.seed,
-         "spec": {"config": r.config, "overrides": r.overrides, "base": str(sweep.base) if sweep.base else None,
-                  "source": sweep.source, "command": command}} for r in specs])
+         "spec": {"config": r.config, "overrides": r.overrides, "base": portable(sweep.base) if sweep.base else None,
+                  "source": portable(sweep.source) if sweep.source else "", "command": command}} for r in specs])
+
+
+def portable(path: str | Path) -> str:
+    """``path`` relative to the working directory (the repository, where sweeps are run from), never a machine's
+    absolute path: what a database committed with the code stores."""
+    return Path(os.path.relpath(Path(path).resolve(), Path.cwd().resolve())).as_posix()
 
 
 def execute_run(db_path: Path, rid: str) -> str:
