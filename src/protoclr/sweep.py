@@ -1,8 +1,8 @@
 """Sweeps: the cartesian product of config overrides times seeds, each run a pretraining plus final probes.
 
     protoclr sweep configs/cifar10_resnet18.yaml --grid loss.alpha=0.5,1,2,4 --grid loss.lam=0.5,1,2,4 --seeds 3
-    protoclr sweep configs/cpu/balance_grid.yaml --workers 2          # a sweep file (below)
-    protoclr sweep configs/cpu/balance_grid.yaml --plan               # list the runs and their status, run nothing
+    protoclr sweep configs/cpu/balance.yaml --workers 2               # a sweep file (below)
+    protoclr sweep configs/cpu/balance.yaml --plan                    # list the runs and their status, run nothing
     protoclr sweep configs/paper/imagenet_balance_grid.yaml --dry-run # + the engine's 2-step dry run per point
     protoclr sweep configs/paper/imagenet_balance_grid.yaml --submit slurm --out runs/paper   # sbatch scripts
     protoclr sweep --merge runs/paper                                 # fold the jobs' databases into runs.db
