@@ -119,18 +119,25 @@ def test_bias_bad_inputs_raise(args, match):
 
 
 def _terms_reference(feats, labels, *, num_classes, alpha, nu):
-    """Per-anchor terms in float64 with explicit loops; features already unit norm."""
+    """Per-anchor terms in float64 with explicit loops; features already unit norm. The supervised attraction
+    compares the anchor with the mean of every view of the other images of its class; the repulsion with the
+    full prototypes of the other classes."""
     f = feats.double()
     k, n, _ = f.shape
     cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
     mu = torch.stack([f[:, labels == c].mean(dim=(0, 1)) for c in range(num_classes)])
+
+    def class_mates(i):  # mean of all K views of every image j != i of i's class
+        members = [j for j in range(n) if j != i and int(labels[j]) == int(labels[i])]
+        return sum(f[u, j] for j in members for u in range(k)) / (k * len(members))
+
     keys = ("sup_attr", "surrogate", "ssl_attr", "sup_rep", "ssl_rep")
     out = {key: torch.zeros(k, n, dtype=torch.float64) for key in keys}
     for v in range(k):
         for i in range(n):
             z = f[v, i]
             others = [u for u in range(k) if u != v]
-            out["sup_attr"][v, i] = -cos(z, mu[int(labels[i])])
+            out["sup_attr"][v, i] = -cos(z, class_mates(i))
             out["ssl_attr"][v, i] = -sum(cos(z, f[u, i]) for u in others) / len(others)
             out["surrogate"][v, i] = -cos(z, sum(f[u, i] for u in others) / len(others))
             out["sup_rep"][v, i] = max(cos(z, mu[c]) for c in range(num_classes) if c != int(labels[i]))
@@ -150,6 +157,26 @@ def test_bound_terms_match_float64_reference():
     torch.testing.assert_close(got["ssl_attraction"].double(), want["ssl_attr"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["sup_repulsion"].double(), want["sup_rep"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["ssl_repulsion"].double(), want["ssl_rep"], rtol=1e-5, atol=1e-5)
+
+
+def test_supervised_attraction_leaves_the_anchors_image_out():
+    """Unequal classes (2, 3, 5 images) and 3 views: -s(z, mean of the other images' views), as the float64 loop.
+    Catches the full prototype mu_y (x's views inside it), leaving out only the anchor's own view, and a count
+    shared across classes; a class with one image is an error, as for the bias."""
+    g = torch.Generator().manual_seed(12)
+    feats = torch.nn.functional.normalize(torch.randn(3, 10, 4, generator=g, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([0, 1, 2, 2, 1, 2, 0, 2, 1, 2])
+    got = dg.bound_terms_per_anchor(feats, labels, num_classes=3, alpha=1.0, nu=1.0)["sup_attraction"]
+    want = _terms_reference(feats, labels, num_classes=3, alpha=1.0, nu=1.0)["sup_attr"]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # class 0 has two images: each one's prototype is the other image's views alone
+    other = feats[:, 6].mean(0)
+    want0 = -(feats[:, 0] @ other) / other.norm()
+    torch.testing.assert_close(got[:, 0], want0, rtol=1e-10, atol=1e-10)
+    full = -(feats[:, 0] @ feats[:, [0, 6]].mean((0, 1))) / feats[:, [0, 6]].mean((0, 1)).norm()
+    assert (got[:, 0] - full).abs().min() > 1e-2  # the oracle tells the two apart on this data
+    with pytest.raises(ValueError, match="at least 2 images per class"):
+        dg.bound_terms_per_anchor(feats, torch.tensor([0] * 9 + [1]), num_classes=2, alpha=1.0, nu=1.0)
 
 
 def test_bound_means_and_bias_gap_match_float64_reference():
@@ -231,21 +258,22 @@ def test_unnormalized_features_break_the_attraction_bound_and_are_flagged():
 
 
 def test_imbalanced_probe_set_breaks_the_repulsion_bound_and_is_flagged():
-    # 30 images of class 0, one of class 1. Two class-0 images point along a, like the lone class-1 image;
-    # the other 28 point along b. For an anchor along a the nearest other prototype (class 1) has s = 1,
-    # but class 1 is 1/31 of E_X', so n * p_1 = 2/31 << 1 and the log n term no longer pays for it.
+    # 30 images of class 0, two of class 1 (the fewest the leave-one-out attraction term allows). Two class-0
+    # images point along a, like both class-1 images; the other 28 point along b. For an anchor along a the nearest
+    # other prototype (class 1) has s = 1, but class 1 is 2/32 of E_X', so n * p_1 = 1/8 << 1 and the log n term
+    # no longer pays for it: gap = (log(4/32) + log 2) / 10 = -0.139.
     a, b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
-    feats = torch.cat([a.expand(2, 2, 3), b.expand(2, 28, 3), a.expand(2, 1, 3)], dim=1).double()  # (2, 31, 3)
-    labels = torch.tensor([0] * 30 + [1])
+    feats = torch.cat([a.expand(2, 2, 3), b.expand(2, 28, 3), a.expand(2, 2, 3)], dim=1).double()  # (2, 32, 3)
+    labels = torch.tensor([0] * 30 + [1] * 2)
     t = dg.bound_terms_per_anchor(feats, labels, num_classes=2, alpha=10.0, nu=1.0)
     assert (t["nearest_class"][:, :2] == 1).all() and (t["sup_repulsion"][:, :2] > 0.999).all()
     assert (t["nearest_class_balance"][:, :2] < 1).all() and (t["repulsion_gap"][:, :2] < -0.1).all()
     rep = dg.bound_terms(feats, labels, num_classes=2, alphas=(10.0,), nus=(1.0,))
     assert rep["repulsion"]["alpha=10,nu=1"]["holds_fraction"] < 1
-    assert rep["assumptions"]["balance_ratio"] == pytest.approx(2 / 31)
+    assert rep["assumptions"]["balance_ratio"] == pytest.approx(4 / 32)
     assert any("imbalanced" in v for v in rep["violations"])
     # the same geometry on a balanced probe set (as many class-1 copies as class-0 images) satisfies it
-    balanced = torch.cat([feats, a.expand(2, 29, 3).double()], dim=1)
+    balanced = torch.cat([feats, a.expand(2, 28, 3).double()], dim=1)
     t_bal = dg.bound_terms_per_anchor(balanced, torch.tensor([0] * 30 + [1] * 30), num_classes=2, alpha=10.0, nu=1.0)
     assert (t_bal["repulsion_gap"][:, :2] >= 0).all()
 

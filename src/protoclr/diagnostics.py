@@ -78,6 +78,25 @@ def class_prototypes_from_views(feats: Tensor, labels: Tensor, *, num_classes: i
     return sums / counts[:, None]
 
 
+def other_images_prototypes(feats: Tensor, labels: Tensor, *, num_classes: int) -> Tensor:
+    """``mu_y^{-x}``: for each image x, the mean of every view of the *other* images of its class.
+
+    feats: (K, N, D), labels: (N,) -> (N, D). An estimate of ``mu_{y(x)}`` independent of x's own views (the
+    leave-one-out prototype of the bias and of the supervised attraction term). A class with one image has no
+    other image to average, so it is an error (the probe set is too small for that class).
+    """
+    _check_views(feats, labels, num_classes)
+    y = labels.to(feats.device)
+    counts = torch.bincount(y, minlength=num_classes)  # (C,)
+    lone = (counts < 2).nonzero().flatten().tolist()
+    if lone:
+        raise ValueError(f"leave-one-out class prototypes need at least 2 images per class; classes {lone[:10]} have "
+                         "one. Pass more probe images.")
+    n_y = counts.to(feats.dtype)[y][:, None]  # (N, 1) images of each one's class
+    protos = class_prototypes_from_views(feats, labels, num_classes=num_classes)[y]  # (N, D)
+    return (n_y * protos - feats.mean(0)) / (n_y - 1)  # (N, D): remove x's share, renormalise by n_y - 1
+
+
 def _cos(a: Tensor, b: Tensor) -> Tensor:
     """Row-wise cosine similarity; zero vectors give 0. a, b: (..., D) -> (...)."""
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(_EPS)
@@ -101,19 +120,16 @@ def bias_from_features(feats: Tensor, labels: Tensor, *, num_classes: int, norma
     class, an estimate of ``mu_y`` independent of ``mu~_x``. Including the image pulls its prototype toward it:
     with ``n_y`` images per class the Euclidean distance shrinks by the factor ``(n_y - 1) / n_y`` exactly
     (``mu_y - mu~_x = (n_y - 1) / n_y * (mu_y^{-x} - mu~_x)``): 10% at 10 images per class, 2% at 50. A class with
-    one image has no other to compare with and needs ``leave_one_out=False``.
+    one image has no other to compare with: an error, unless ``leave_one_out=False``.
     """
     _check_views(feats, labels, num_classes)
     f = F.normalize(feats, dim=-1) if normalize else feats
     surrogate = f.mean(0)  # (N, D)
     y = labels.to(f.device)
-    protos = class_prototypes_from_views(f, labels, num_classes=num_classes)[y]  # (N, D)
     if leave_one_out:
-        n_y = torch.bincount(y, minlength=num_classes).to(f.dtype)[y][:, None]  # (N, 1) images of each one's class
-        if bool((n_y < 2).any()):
-            raise ValueError("leave-one-out class prototypes need at least 2 images per class; pass more probe "
-                             "images or leave_one_out=False.")
-        protos = (n_y * protos - surrogate) / (n_y - 1)  # the mean of the other images of the class
+        protos = other_images_prototypes(f, labels, num_classes=num_classes)  # (N, D)
+    else:
+        protos = class_prototypes_from_views(f, labels, num_classes=num_classes)[y]  # (N, D)
     cos = _cos(surrogate, protos).clamp(-1, 1)  # (N,)
     per_image = {
         "euclidean": (surrogate - protos).norm(dim=-1),
@@ -161,14 +177,18 @@ def bound_terms_per_anchor(
     """Every term of both bounds for each anchor ``z = f(t_v(x_i))``; all outputs are (K, N).
 
     feats: (K, N, D), labels: (N,). Positives are the other K - 1 views of the same image (leave-one-out,
-    as a contrastive loss pairs an anchor with another view); ``mu~`` is their mean. ``mu_y`` and the
-    negatives use every view of every image, so ``E_X'`` is the probe set's empirical distribution and
+    as a contrastive loss pairs an anchor with another view); ``mu~`` is their mean. The repulsion's ``mu_y'``
+    and the negatives use every view of every image, so ``E_X'`` is the probe set's empirical distribution and
     ``E_T'`` the mean over view index. ``n = num_classes``. Similarity is cosine; ``normalize`` L2-normalises
     the features first (the bounds' assumption; pass False to see what breaks without it).
 
-    attraction: ``sup_attraction = -s(z, mu_y)``, ``surrogate_attraction = -s(z, mu~)``,
+    attraction: ``sup_attraction = -s(z, mu_y^{-x})`` with ``mu_y^{-x}`` the mean of every view of the *other*
+    images of x's class (:func:`other_images_prototypes`, as the bias's leave-one-out prototype: the full ``mu_y``
+    holds x's own K views, ``1 / n_y`` of it, whose pull on ``z`` is not the class's; an error for a class with
+    one image), ``surrogate_attraction = -s(z, mu~)``,
     ``ssl_attraction = -mean_{k!=v} s(z, f_k(x))``, ``attraction_gap = ssl - surrogate`` (>= 0 by Jensen).
-    repulsion: ``sup_repulsion = max_{y'!=y} s(z, mu_y')``, ``ssl_repulsion`` the right-hand side,
+    repulsion: ``sup_repulsion = max_{y'!=y} s(z, mu_y')`` with the full prototypes of the *other* classes (they do
+    not contain x, so there is nothing to leave out), ``ssl_repulsion`` the right-hand side,
     ``repulsion_gap = ssl - sup`` (>= 0 under the assumptions). Also the per-anchor assumption inputs:
     ``positive_mean`` (= -ssl_attraction), ``nearest_class`` (argmax y'), its probe-set proportion times n
     ``nearest_class_balance`` (>= 1 needed) and its prototype norm ``nearest_prototype_norm`` (>= nu needed).
@@ -196,7 +216,7 @@ def bound_terms_per_anchor(
     pos_mean = ((z * pos_sum).sum(-1) - (z * fhat).sum(-1)) / (k - 1)  # (K, N)
     loo = (f.sum(0, keepdim=True) - f) / (k - 1)  # (K, N, D) mu~ without view v
     surrogate_attr = -_cos(z, loo)  # (K, N)
-    sup_attr = -_cos(z, protos[y][None])  # (K, N)
+    sup_attr = -_cos(z, other_images_prototypes(f, y, num_classes=num_classes)[None])  # (K, N), mu_y^{-x}
 
     # repulsion
     proto_sim = z @ F.normalize(protos, dim=-1).T  # (K, N, C)
@@ -240,7 +260,9 @@ def bound_terms(
 
     feats: (K, N, D), labels: (N,). See :func:`bound_terms_per_anchor` for each term. Returns
     ``attraction`` (means of the terms, ``gap`` and ``gap_min``, ``holds_fraction`` = share of anchors
-    with gap >= -tol), ``repulsion`` keyed ``"alpha=A,nu=V"`` with the same fields, ``assumptions``
+    with gap >= -tol, and ``bias_gap = s(z, mu~) - s(z, mu_y^{-x})``, supervised minus surrogate attraction, both
+    leave-one-out: how much closer an anchor is to its surrogate prototype than to its class's other images),
+    ``repulsion`` keyed ``"alpha=A,nu=V"`` with the same fields, ``assumptions``
     (unit norm, non-negative positives, class counts and ``balance_ratio = n * min_y p_y``, prototype norms,
     non-negative nearest-prototype similarity) and ``violations``: one sentence per failed assumption.
     A bound whose assumptions all hold has ``holds_fraction == 1``; a test checks that.
