@@ -73,7 +73,9 @@ _HISTORY_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("gaps (bound holds: >= 0)", ((M.ATTRACTION_GAP, "attraction gap"),
                                   (M.REPULSION_GAP + "/", "repulsion gap"),
                                   (M.REPULSION_GAP, "repulsion gap"))),
-    ("prototype bias (angle, degrees)", ((M.BIAS, "backbone"), (M.BIAS_PROJ, "projector"))),
+    ("prototype bias (angle, degrees)", ((M.BIAS, "backbone"), (M.BIAS_PROJ, "projector"),
+                                         (M.BIAS_DEBIASED, "backbone, debiased"),
+                                         (M.BIAS_PROJ_DEBIASED, "projector, debiased"))),
 )  # fmt: skip
 
 
@@ -199,11 +201,12 @@ def _print_report(console: Any, report: dict[str, Any], *, title: str) -> None:
     from rich.table import Table
 
     t = Table(title=f"{title}: prototype representation bias (mean over probe images)")
-    for col in ("head", "features", "euclidean", "cosine distance", "angle (deg)"):
+    for col in ("head", "features", "euclidean", "cosine distance", "angle (deg)", "angle debiased", "view variance"):
         t.add_column(col, justify="right")
     for head, variants in report["bias"].items():
         for variant, b in variants.items():
-            t.add_row(head, variant, f"{b['euclidean']:.4g}", f"{b['cosine']:.4f}", f"{b['angle_deg']:.2f}")
+            t.add_row(head, variant, f"{b['euclidean']:.4g}", f"{b['cosine']:.4f}", f"{b['angle_deg']:.2f}",
+                      f"{b['angle_deg_debiased']:.2f}", f"{b['view_variance']:.4g}")
     console.print(t)
 
     b = report["bounds"]

@@ -7,10 +7,19 @@ images) so they can be checked by hand; :func:`view_features` produces that tens
 Notation: ``f`` features of one view, ``mu~_x = E_t f(t(x))`` the surrogate prototype of image x (mean
 over its K views), ``mu_y = E_{x|y} E_t f(t(x))`` the class prototype, ``s`` cosine similarity.
 
-* bias (:func:`bias_from_features`): ``d(mu~_x, mu_{y(x)})`` averaged over images, as Euclidean distance,
-  cosine distance and angle in degrees, on raw or L2-normalised per-view features.
+* bias (:func:`bias_from_features`): ``d(mu~_x, mu_y^{-x})`` averaged over images, as Euclidean distance,
+  cosine distance and angle in degrees, on raw or L2-normalised per-view features; ``mu_y^{-x}`` is the mean of
+  every view of the *other* images of x's class (:func:`other_images_prototypes`; a class with one image is an
+  error). Debiased (:func:`debiased_bias_terms`): from K views the squared distance is inflated by ``s_x^2 / K``
+  (``s_x^2 = sum_v ||f_v - mu~_x||^2 / (K - 1)``, the view variance) plus ``v_x / m`` (the other images' mean);
+  with ``m = n_y - 1`` and ``p = mu_y^{-x}``, unbiased pieces
+    A = (||sum_v f_v||^2 - sum_v ||f_v||^2) / (K (K - 1))       for ||mu_x||^2
+    B = mu~_x . p                                                for mu_x . mu_y   (p is independent of x's views)
+    C = sum_{j != j' in other images} mu~_j . mu~_j' / (m (m - 1))  for ||mu_y||^2
+  give ``||mu_x - mu_y||^2 ~ A - 2B + C`` and, per class, ``cos = sum B / sqrt(n_y sum A C)``.
 * bounds (:func:`bound_terms`), per anchor ``z = f(t_v(x))``:
     attraction   -s(z, mu~_x)              <=  -E_t' s(z, f(t'(x)))                          (Jensen)
+    supervised attraction -s(z, mu_y^{-x}) (leave-one-out, as the bias; the repulsion's mu_y' hold no x)
     repulsion    max_{y'!=y} s(z, mu_y')   <=  E_T' (1/(nu a)) log E_X' exp(a s(z, f(T'(X'))))
                                                + (1/(nu a)) log n
   The first needs unit-norm features and ``E_t' s(z, f(t'(x))) >= 0``; the second unit-norm features,
