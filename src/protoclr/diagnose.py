@@ -201,12 +201,11 @@ def _print_report(console: Any, report: dict[str, Any], *, title: str) -> None:
     from rich.table import Table
 
     t = Table(title=f"{title}: prototype representation bias (mean over probe images)")
-    for col in ("head", "features", "euclidean", "cosine distance", "angle (deg)", "angle debiased", "view variance"):
+    for col in ("head", "features", "euclidean", "cosine distance", "angle (deg)"):
         t.add_column(col, justify="right")
     for head, variants in report["bias"].items():
         for variant, b in variants.items():
-            t.add_row(head, variant, f"{b['euclidean']:.4g}", f"{b['cosine']:.4f}", f"{b['angle_deg']:.2f}",
-                      f"{b['angle_deg_debiased']:.2f}", f"{b['view_variance']:.4g}")
+            t.add_row(head, variant, f"{b['euclidean']:.4g}", f"{b['cosine']:.4f}", f"{b['angle_deg']:.2f}")
     console.print(t)
 
     b = report["bounds"]
