@@ -94,10 +94,12 @@ def test_dropping_an_assumption_breaks_a_bound_on_the_trained_encoder(feats):
     assert raw["attraction"]["holds_fraction"] < 0.95 and raw["attraction"]["gap_min"] < 0
     fixed = dg.bound_terms(scaled, labels, num_classes=10, alphas=(1.0,), nus=(0.5,))
     assert fixed["attraction"]["holds_fraction"] == 1.0
-    # an imbalanced probe set (one class down to a single image) is flagged
-    keep = torch.cat([(labels != 3).nonzero().flatten(), (labels == 3).nonzero().flatten()[:1]]).sort().values
+    # an imbalanced probe set (one class down to two images, the fewest the leave-one-out attraction allows) is
+    # flagged: n * min_y p_y = 10 * 2 / 182
+    keep = torch.cat([(labels != 3).nonzero().flatten(), (labels == 3).nonzero().flatten()[:2]]).sort().values
     imb = dg.bound_terms(z[:, keep], labels[keep], num_classes=10, alphas=(10.0,), nus=(0.5,))
-    assert imb["assumptions"]["balance_ratio"] < 0.1 and any("imbalanced" in v for v in imb["violations"])
+    assert imb["assumptions"]["balance_ratio"] == pytest.approx(20 / len(keep)) and 20 / len(keep) < 0.12
+    assert any("imbalanced" in v for v in imb["violations"])
 
 
 def test_trained_encoder_diagnostics_are_finite_and_in_range(feats):

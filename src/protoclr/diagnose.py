@@ -71,7 +71,9 @@ _HISTORY_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("gaps (bound holds: >= 0)", ((M.ATTRACTION_GAP, "attraction gap"),
                                   (M.REPULSION_GAP + "/", "repulsion gap"),
                                   (M.REPULSION_GAP, "repulsion gap"))),
-    ("prototype bias (angle, degrees)", ((M.BIAS, "backbone"), (M.BIAS_PROJ, "projector"))),
+    ("prototype bias (angle, degrees)", ((M.BIAS, "backbone"), (M.BIAS_PROJ, "projector"),
+                                         (M.BIAS_DEBIASED, "backbone, debiased"),
+                                         (M.BIAS_PROJ_DEBIASED, "projector, debiased"))),
 )  # fmt: skip
 
 

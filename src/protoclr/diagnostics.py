@@ -7,10 +7,19 @@ images) so they can be checked by hand; :func:`view_features` produces that tens
 Notation: ``f`` features of one view, ``mu~_x = E_t f(t(x))`` the surrogate prototype of image x (mean
 over its K views), ``mu_y = E_{x|y} E_t f(t(x))`` the class prototype, ``s`` cosine similarity.
 
-* bias (:func:`bias_from_features`): ``d(mu~_x, mu_{y(x)})`` averaged over images, as Euclidean distance,
-  cosine distance and angle in degrees, on raw or L2-normalised per-view features.
+* bias (:func:`bias_from_features`): ``d(mu~_x, mu_y^{-x})`` averaged over images, as Euclidean distance,
+  cosine distance and angle in degrees, on raw or L2-normalised per-view features; ``mu_y^{-x}`` is the mean of
+  every view of the *other* images of x's class (:func:`other_images_prototypes`; a class with one image is an
+  error). Debiased (:func:`debiased_bias_terms`): from K views the squared distance is inflated by ``s_x^2 / K``
+  (``s_x^2 = sum_v ||f_v - mu~_x||^2 / (K - 1)``, the view variance) plus ``v_x / m`` (the other images' mean);
+  with ``m = n_y - 1`` and ``p = mu_y^{-x}``, unbiased pieces
+    A = (||sum_v f_v||^2 - sum_v ||f_v||^2) / (K (K - 1))       for ||mu_x||^2
+    B = mu~_x . p                                                for mu_x . mu_y   (p is independent of x's views)
+    C = sum_{j != j' in other images} mu~_j . mu~_j' / (m (m - 1))  for ||mu_y||^2
+  give ``||mu_x - mu_y||^2 ~ A - 2B + C`` and, per class, ``cos = sum B / sqrt(n_y sum A C)``.
 * bounds (:func:`bound_terms`), per anchor ``z = f(t_v(x))``:
     attraction   -s(z, mu~_x)              <=  -E_t' s(z, f(t'(x)))                          (Jensen)
+    supervised attraction -s(z, mu_y^{-x}) (leave-one-out, as the bias; the repulsion's mu_y' hold no x)
     repulsion    max_{y'!=y} s(z, mu_y')   <=  E_T' (1/(nu a)) log E_X' exp(a s(z, f(T'(X'))))
                                                + (1/(nu a)) log n
   The first needs unit-norm features and ``E_t' s(z, f(t'(x))) >= 0``; the second unit-norm features,
@@ -78,6 +87,25 @@ def class_prototypes_from_views(feats: Tensor, labels: Tensor, *, num_classes: i
     return sums / counts[:, None]
 
 
+def other_images_prototypes(feats: Tensor, labels: Tensor, *, num_classes: int) -> Tensor:
+    """``mu_y^{-x}``: for each image x, the mean of every view of the *other* images of its class.
+
+    feats: (K, N, D), labels: (N,) -> (N, D). An estimate of ``mu_{y(x)}`` independent of x's own views (the
+    leave-one-out prototype of the bias and of the supervised attraction term). A class with one image has no
+    other image to average, so it is an error (the probe set is too small for that class).
+    """
+    _check_views(feats, labels, num_classes)
+    y = labels.to(feats.device)
+    counts = torch.bincount(y, minlength=num_classes)  # (C,)
+    lone = (counts < 2).nonzero().flatten().tolist()
+    if lone:
+        raise ValueError(f"leave-one-out class prototypes need at least 2 images per class; classes {lone[:10]} have "
+                         "one. Pass more probe images.")
+    n_y = counts.to(feats.dtype)[y][:, None]  # (N, 1) images of each one's class
+    protos = class_prototypes_from_views(feats, labels, num_classes=num_classes)[y]  # (N, D)
+    return (n_y * protos - feats.mean(0)) / (n_y - 1)  # (N, D): remove x's share, renormalise by n_y - 1
+
+
 def _cos(a: Tensor, b: Tensor) -> Tensor:
     """Row-wise cosine similarity; zero vectors give 0. a, b: (..., D) -> (...)."""
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(_EPS)
@@ -87,45 +115,127 @@ def _cos(a: Tensor, b: Tensor) -> Tensor:
 # prototype representation bias
 
 
+def view_variance(feats: Tensor) -> Tensor:
+    """``s_x^2 = sum_v ||f_v - mu~_x||^2 / (K - 1)``: each image's unbiased view variance (trace). (K, N, D) -> (N,)."""
+    if feats.dim() != 3 or feats.shape[0] < 2:
+        raise ValueError(f"feats must be (K, N, D) with K >= 2 views, got {tuple(feats.shape)}.")
+    return (feats - feats.mean(0)).pow(2).sum(-1).sum(0) / (feats.shape[0] - 1)
+
+
+def debiased_bias_terms(feats: Tensor, labels: Tensor, *, num_classes: int) -> dict[str, Tensor]:
+    """Per-image pieces of the bias freed of the view noise and of the class mean's sampling noise; all (N,).
+
+    feats: (K, N, D) with K >= 2, labels: (N,) with >= 3 images in every class. With ``f_v`` the views of x,
+    ``mu~_x`` their mean and ``p = mu_y^{-x}`` the mean of the other ``m = n_y - 1`` images of the class
+    (independent of x's views), three unbiased estimates:
+
+        A = (||sum_v f_v||^2 - sum_v ||f_v||^2) / (K (K - 1)) = ||mu~_x||^2 - s_x^2 / K      for ||mu_x||^2
+        B = mu~_x . p                                                                           for mu_x . mu_y
+        C = sum_{j != j' other images} mu~_j . mu~_j' / (m (m - 1)) = ||p||^2 - v_x / m        for ||mu_y||^2
+
+    with ``s_x^2 = sum_v ||f_v - mu~_x||^2 / (K - 1)`` the view variance (trace) and ``v_x`` the same over the
+    other images' ``mu~_j``; ``mu_y`` is the population class mean. Returns them as ``mu_x_sq``, ``mu_x_dot_mu_y``,
+    ``mu_y_sq``, with ``sq_euclidean_debiased = A - 2B + C`` (unbiased for ``||mu_x - mu_y||^2``: the plain
+    ``||mu~_x - p||^2`` exceeds it by ``s_x^2 / K + v_x / m``) and ``view_variance = s_x^2``.
+    """
+    _check_views(feats, labels, num_classes, min_views=2)
+    k = feats.shape[0]
+    y = labels.to(feats.device)
+    counts = torch.bincount(y, minlength=num_classes)  # (C,)
+    if int(counts.min()) < 3:
+        raise ValueError("the debiased bias needs at least 3 images per class (pairs of other images estimate "
+                         f"||mu_y||^2); the smallest class has {int(counts.min())}.")
+    surrogate = feats.mean(0)  # (N, D) mu~_x
+    view_var = view_variance(feats)  # (N,) s_x^2
+    c = class_prototypes_from_views(feats, labels, num_classes=num_classes)[y]  # (N, D), x included
+    u = surrogate - c  # (N, D); centred per class, so no large terms cancel below
+    u2 = u.pow(2).sum(-1)  # (N,)
+    u2_class = torch.zeros(num_classes, dtype=feats.dtype, device=feats.device).index_add_(0, y, u2)[y]  # (N,)
+    n = counts.to(feats.dtype)[y]  # (N,)
+    m = n - 1
+    p = c - u / m[:, None]  # (N, D) = mu_y^{-x}
+    p_excess = u2 / m**2 - (2 * u2 - u2_class) / (m * (m - 1))  # ||p||^2 - C = v_x / m
+    return {
+        "mu_x_sq": surrogate.pow(2).sum(-1) - view_var / k,
+        "mu_x_dot_mu_y": (surrogate * p).sum(-1),
+        "mu_y_sq": p.pow(2).sum(-1) - p_excess,
+        "sq_euclidean_debiased": u2 * (n / m) ** 2 - view_var / k - p_excess,  # A - 2B + C; ||mu~_x - p|| = ||u|| n/m
+        "view_variance": view_var,
+    }
+
+
+def _debiased_class_cosine(t: dict[str, Tensor], labels: Tensor, num_classes: int) -> Tensor:
+    """``E_{x|y}[B] / sqrt(E_{x|y}[A C])`` per class, clamped to [-1, 1]: (C,). Moments are averaged over the class
+    before the ratio, so its noise bias is O(1 / n_y) (a per-image ratio of noisy A, C is biased at O(1 / K))."""
+    y = labels.to(t["mu_x_sq"].device)
+    zeros = torch.zeros(num_classes, dtype=t["mu_x_sq"].dtype, device=y.device)
+    dot = zeros.index_add(0, y, t["mu_x_dot_mu_y"])
+    norms = zeros.index_add(0, y, t["mu_x_sq"] * t["mu_y_sq"])
+    counts = torch.bincount(y, minlength=num_classes).to(dot.dtype)
+    return (dot / (counts * norms).clamp_min(_EPS).sqrt()).clamp(-1, 1)
+
+
 def bias_from_features(feats: Tensor, labels: Tensor, *, num_classes: int, normalize: bool = True,
                        leave_one_out: bool = True) -> dict[str, Any]:
-    """Prototype representation bias ``d(mu~_x, mu_{y(x)})`` for three distances.
+    """Prototype representation bias ``d(mu~_x, mu_{y(x)})`` for three distances, plain and debiased.
 
     feats: (K, N, D) per-view features, labels: (N,). With ``normalize`` each view is L2-normalised before
-    any mean. Returns ``euclidean`` (||mu~_x - mu_y||), ``cosine`` (1 - cos), ``angle_deg`` (arccos of cos,
-    degrees), each averaged over images, and ``per_class``: the same three as (C,) tensors (mean over the
-    images of each class). Zero when every image's views equal its class prototype; invariant to the order
-    of images and of views.
+    any mean. Returns ``euclidean`` (||mu~_x - mu_y||), ``sq_euclidean`` (its square), ``cosine`` (1 - cos),
+    ``angle_deg`` (arccos of cos, degrees) and ``view_variance`` (``s_x^2``), each averaged over images; the debiased
+    estimates built from :func:`debiased_bias_terms`: ``sq_euclidean_debiased`` (mean of ``A - 2B + C``, unbiased
+    for ``E_x ||mu_x - mu_y||^2``), ``cosine_debiased`` / ``angle_deg_debiased`` (per class
+    ``cos_y = sum_x B / sqrt(n_y sum_x A C)``, clamped to [-1, 1], then weighted by class share; it estimates
+    ``||mu_y|| / sqrt(E_{x|y} ||mu_x||^2)``, i.e. ``tan^2 = tr Cov_{x|y}(mu_x) / ||mu_y||^2``: the angle of the class's
+    spread of image means, which is not the mean of per-image angles, because a per-image angle from K noisy views
+    stays biased however its cosine is corrected); and ``per_class``: every one of them as a (C,) tensor (over the
+    images of each class). Zero when every image's views equal its class prototype; invariant to the order of
+    images and of views.
 
     ``leave_one_out``: the class prototype an image is compared with is the mean of the *other* images of its
     class, an estimate of ``mu_y`` independent of ``mu~_x``. Including the image pulls its prototype toward it:
     with ``n_y`` images per class the Euclidean distance shrinks by the factor ``(n_y - 1) / n_y`` exactly
     (``mu_y - mu~_x = (n_y - 1) / n_y * (mu_y^{-x} - mu~_x)``): 10% at 10 images per class, 2% at 50. A class with
-    one image has no other to compare with and needs ``leave_one_out=False``.
+    one image has no other to compare with: an error, unless ``leave_one_out=False``.
+
+    Why debias: from K views, ``||mu~_x - mu_y^{-x}||^2`` exceeds ``||mu_x - mu_y||^2`` by the view variance over
+    K (plus the class mean's own noise), so a treatment that spreads the views (rotation, cutout) raises the plain
+    bias even where ``mu_x`` does not move; the debiased fields do not. They always leave x out (B needs it) and
+    are nan where undefined: K = 1 (``view_variance`` too) or a class with fewer than 3 images.
     """
     _check_views(feats, labels, num_classes)
     f = F.normalize(feats, dim=-1) if normalize else feats
     surrogate = f.mean(0)  # (N, D)
     y = labels.to(f.device)
-    protos = class_prototypes_from_views(f, labels, num_classes=num_classes)[y]  # (N, D)
     if leave_one_out:
-        n_y = torch.bincount(y, minlength=num_classes).to(f.dtype)[y][:, None]  # (N, 1) images of each one's class
-        if bool((n_y < 2).any()):
-            raise ValueError("leave-one-out class prototypes need at least 2 images per class; pass more probe "
-                             "images or leave_one_out=False.")
-        protos = (n_y * protos - surrogate) / (n_y - 1)  # the mean of the other images of the class
+        protos = other_images_prototypes(f, labels, num_classes=num_classes)  # (N, D)
+    else:
+        protos = class_prototypes_from_views(f, labels, num_classes=num_classes)[y]  # (N, D)
     cos = _cos(surrogate, protos).clamp(-1, 1)  # (N,)
     per_image = {
         "euclidean": (surrogate - protos).norm(dim=-1),
+        "sq_euclidean": (surrogate - protos).pow(2).sum(-1),
         "cosine": 1 - cos,
         "angle_deg": torch.rad2deg(torch.arccos(cos)),
     }
-    counts = torch.bincount(labels.to(f.device), minlength=num_classes).to(f.dtype)  # (C,)
-    out: dict[str, Any] = {name: v.mean().item() for name, v in per_image.items()}
-    out["per_class"] = {
-        name: torch.zeros(num_classes, dtype=f.dtype, device=f.device).index_add_(0, labels.to(f.device), v) / counts
+    counts = torch.bincount(y, minlength=num_classes)  # (C,)
+    k = f.shape[0]
+    per_image["view_variance"] = view_variance(f) if k >= 2 else torch.full_like(cos, math.nan)
+    per_class = {
+        name: torch.zeros(num_classes, dtype=f.dtype, device=f.device).index_add_(0, y, v) / counts.to(f.dtype)
         for name, v in per_image.items()
     }
+    if k >= 2 and int(counts.min()) >= 3:
+        t = debiased_bias_terms(f, labels, num_classes=num_classes)
+        per_class["sq_euclidean_debiased"] = torch.zeros_like(per_class["cosine"]).index_add_(
+            0, y, t["sq_euclidean_debiased"]) / counts.to(f.dtype)
+        cos_y = _debiased_class_cosine(t, labels, num_classes)  # (C,)
+        per_class["cosine_debiased"], per_class["angle_deg_debiased"] = 1 - cos_y, torch.rad2deg(torch.arccos(cos_y))
+    else:
+        for name in ("sq_euclidean_debiased", "cosine_debiased", "angle_deg_debiased"):
+            per_class[name] = torch.full_like(per_class["cosine"], math.nan)
+    share = counts.to(f.dtype) / len(y)  # (C,): per-class values weighted by class share = the mean over images
+    out: dict[str, Any] = {name: (v * share).sum().item() for name, v in per_class.items()}
+    out["per_class"] = per_class
     return out
 
 
@@ -161,14 +271,18 @@ def bound_terms_per_anchor(
     """Every term of both bounds for each anchor ``z = f(t_v(x_i))``; all outputs are (K, N).
 
     feats: (K, N, D), labels: (N,). Positives are the other K - 1 views of the same image (leave-one-out,
-    as a contrastive loss pairs an anchor with another view); ``mu~`` is their mean. ``mu_y`` and the
-    negatives use every view of every image, so ``E_X'`` is the probe set's empirical distribution and
+    as a contrastive loss pairs an anchor with another view); ``mu~`` is their mean. The repulsion's ``mu_y'``
+    and the negatives use every view of every image, so ``E_X'`` is the probe set's empirical distribution and
     ``E_T'`` the mean over view index. ``n = num_classes``. Similarity is cosine; ``normalize`` L2-normalises
     the features first (the bounds' assumption; pass False to see what breaks without it).
 
-    attraction: ``sup_attraction = -s(z, mu_y)``, ``surrogate_attraction = -s(z, mu~)``,
+    attraction: ``sup_attraction = -s(z, mu_y^{-x})`` with ``mu_y^{-x}`` the mean of every view of the *other*
+    images of x's class (:func:`other_images_prototypes`, as the bias's leave-one-out prototype: the full ``mu_y``
+    holds x's own K views, ``1 / n_y`` of it, whose pull on ``z`` is not the class's; an error for a class with
+    one image), ``surrogate_attraction = -s(z, mu~)``,
     ``ssl_attraction = -mean_{k!=v} s(z, f_k(x))``, ``attraction_gap = ssl - surrogate`` (>= 0 by Jensen).
-    repulsion: ``sup_repulsion = max_{y'!=y} s(z, mu_y')``, ``ssl_repulsion`` the right-hand side,
+    repulsion: ``sup_repulsion = max_{y'!=y} s(z, mu_y')`` with the full prototypes of the *other* classes (they do
+    not contain x, so there is nothing to leave out), ``ssl_repulsion`` the right-hand side,
     ``repulsion_gap = ssl - sup`` (>= 0 under the assumptions). Also the per-anchor assumption inputs:
     ``positive_mean`` (= -ssl_attraction), ``nearest_class`` (argmax y'), its probe-set proportion times n
     ``nearest_class_balance`` (>= 1 needed) and its prototype norm ``nearest_prototype_norm`` (>= nu needed).
@@ -196,7 +310,7 @@ def bound_terms_per_anchor(
     pos_mean = ((z * pos_sum).sum(-1) - (z * fhat).sum(-1)) / (k - 1)  # (K, N)
     loo = (f.sum(0, keepdim=True) - f) / (k - 1)  # (K, N, D) mu~ without view v
     surrogate_attr = -_cos(z, loo)  # (K, N)
-    sup_attr = -_cos(z, protos[y][None])  # (K, N)
+    sup_attr = -_cos(z, other_images_prototypes(f, y, num_classes=num_classes)[None])  # (K, N), mu_y^{-x}
 
     # repulsion
     proto_sim = z @ F.normalize(protos, dim=-1).T  # (K, N, C)
@@ -240,7 +354,9 @@ def bound_terms(
 
     feats: (K, N, D), labels: (N,). See :func:`bound_terms_per_anchor` for each term. Returns
     ``attraction`` (means of the terms, ``gap`` and ``gap_min``, ``holds_fraction`` = share of anchors
-    with gap >= -tol), ``repulsion`` keyed ``"alpha=A,nu=V"`` with the same fields, ``assumptions``
+    with gap >= -tol, and ``bias_gap = s(z, mu~) - s(z, mu_y^{-x})``, supervised minus surrogate attraction, both
+    leave-one-out: how much closer an anchor is to its surrogate prototype than to its class's other images),
+    ``repulsion`` keyed ``"alpha=A,nu=V"`` with the same fields, ``assumptions``
     (unit norm, non-negative positives, class counts and ``balance_ratio = n * min_y p_y``, prototype norms,
     non-negative nearest-prototype similarity) and ``violations``: one sentence per failed assumption.
     A bound whose assumptions all hold has ``holds_fraction == 1``; a test checks that.

@@ -53,7 +53,12 @@ EVAL_LINEAR = "eval_linear_top1"
 # diagnostics (protoclr.diagnostics), per epoch and in final metrics
 BIAS = "diag_bias_angle_deg"  # backbone, L2-normalized: the angle between mu~_x and mu_y
 BIAS_PROJ = "diag_bias_proj_angle_deg"
-BIAS_DEBIASED = "diag_bias_angle_deg_debiased"  # BIAS with the view noise of mu~_x removed (diagnostics)
+# the same, debiased for the view noise (protoclr.diagnostics.debiased_bias_terms), backbone, L2-normalized
+BIAS_DEBIASED = "diag_bias_angle_deg_debiased"  # per class arccos(||mu_y|| / rms ||mu_x||), weighted by class share
+BIAS_PROJ_DEBIASED = "diag_bias_proj_angle_deg_debiased"
+BIAS_SQ = "diag_bias_sq_euclidean_normalized"  # plain mean ||mu~_x - mu_y^{-x}||^2, the square the debiasing corrects
+BIAS_SQ_DEBIASED = "diag_bias_sq_euclidean_normalized_debiased"  # unbiased for E ||mu_x - mu_y||^2
+VIEW_VARIANCE = "diag_view_variance"  # mean over images of the views' variance around mu~_x (trace, K - 1)
 ATTRACTION_SUP, ATTRACTION_SURROGATE, ATTRACTION_SSL = "diag_attraction_sup", "diag_attraction_surrogate", \
     "diag_attraction_ssl"
 ATTRACTION_GAP = "diag_attraction_gap"  # self-supervised minus surrogate attraction (>= 0 where the bound holds)
@@ -262,9 +267,11 @@ def headline(report: dict[str, Any], *, alpha: float, nu: float | str = "min") -
     """The ``diag_*`` scalars kept from a :func:`protoclr.diagnostics.diagnose_features`-style report.
 
     Bias (if present): :data:`BIAS` / ``diag_bias_cosine`` (backbone, normalized), ``diag_bias_euclidean``
-    (backbone, raw features), :data:`BIAS_PROJ`. Bounds (if present): the attraction terms, the repulsion terms at
-    (``alpha``, ``nu``) (which must be in the report; ``nu="min"``, the default, is ``min ||mu_y||``, where the
-    bound's assumption holds), ``.._holds`` (share of anchors where the bound holds),
+    (backbone, raw features), :data:`BIAS_PROJ`; debiased for the view noise, :data:`BIAS_DEBIASED`,
+    :data:`BIAS_PROJ_DEBIASED`, :data:`BIAS_SQ` / :data:`BIAS_SQ_DEBIASED` and :data:`VIEW_VARIANCE` (backbone,
+    normalized; nan where a class has fewer than 3 probe images). Bounds (if present): the attraction terms, the
+    repulsion terms at (``alpha``, ``nu``) (which must be in the report; ``nu="min"``, the default, is
+    ``min ||mu_y||``, where the bound's assumption holds), ``.._holds`` (share of anchors where the bound holds),
     ``diag_repulsion_gap/alpha{A}_nu{V}`` and ``.._holds/..`` for every pair (``nu1`` among them: the repulsion
     bound at nu = 1, where ``nu <= ||mu_y||`` usually fails; :data:`NU1_VIOLATES` says whether it does), the
     assumption quantities and :data:`VIOLATIONS` (a count over every pair's assumptions).
@@ -275,7 +282,12 @@ def headline(report: dict[str, Any], *, alpha: float, nu: float | str = "min") -
     if "bias" in report:
         bb, bp = report["bias"]["backbone"], report["bias"]["projector"]
         out.update({BIAS: bb["normalized"]["angle_deg"], "diag_bias_cosine": bb["normalized"]["cosine"],
-                    "diag_bias_euclidean": bb["raw"]["euclidean"], BIAS_PROJ: bp["normalized"]["angle_deg"]})
+                    "diag_bias_euclidean": bb["raw"]["euclidean"], BIAS_PROJ: bp["normalized"]["angle_deg"],
+                    BIAS_DEBIASED: bb["normalized"]["angle_deg_debiased"],
+                    BIAS_PROJ_DEBIASED: bp["normalized"]["angle_deg_debiased"],
+                    BIAS_SQ: bb["normalized"]["sq_euclidean"],
+                    BIAS_SQ_DEBIASED: bb["normalized"]["sq_euclidean_debiased"],
+                    VIEW_VARIANCE: bb["normalized"]["view_variance"]})
     if "bounds" in report:
         b = report["bounds"]
         key = f"alpha={alpha:g},nu={nu if isinstance(nu, str) else f'{nu:g}'}"
@@ -404,7 +416,7 @@ def final_metrics(encoder: nn.Module, fit_sets: dict[str, Any], test: Any, spec:
     return out
 
 
-__all__ = ["ATTRACTION_GAP", "BIAS", "BIAS_PROJ", "EVAL_KNN", "EVAL_LINEAR", "KNN", "KNN_K", "KNN_TEMPERATURE",
-           "NU1_VIOLATES", "PROBE", "REPULSION_GAP", "REPULSION_GAP_NU1", "VIOLATIONS", "Monitor", "backbone_features",
-           "diagnostics_metrics", "evaluate_backbone", "final_metrics", "headline", "random_init_floor",
-           "raw_pixel_floor", "score_features"]
+__all__ = ["ATTRACTION_GAP", "BIAS", "BIAS_DEBIASED", "BIAS_PROJ", "BIAS_PROJ_DEBIASED", "BIAS_SQ", "BIAS_SQ_DEBIASED",
+           "EVAL_KNN", "EVAL_LINEAR", "KNN", "KNN_K", "KNN_TEMPERATURE", "NU1_VIOLATES", "PROBE", "REPULSION_GAP",
+           "REPULSION_GAP_NU1", "VIEW_VARIANCE", "VIOLATIONS", "Monitor", "backbone_features", "diagnostics_metrics",
+           "evaluate_backbone", "final_metrics", "headline", "random_init_floor", "raw_pixel_floor", "score_features"]
