@@ -117,10 +117,10 @@ class TargetConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd (momentum, the paper's default) | lars | adamw (decoupled weight decay; ViTs)
+    name: str = "sgd"  # sgd (the paper's optimizer) | lars | adamw (decoupled weight decay; ViTs)
     base_lr: float = 0.3  # learning rate per 256 images: lr = base_lr * batch_size / 256
     lr_scaling: str = "linear"  # linear (base_lr * B / 256) | sqrt (base_lr * sqrt(B), SimCLR's small-batch rule)
-    momentum: float = 0.9  # sgd, lars
+    momentum: float = 0.9  # sgd, lars; ours (SGD practice): the paper states no momentum
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw: (beta1, beta2); DINO's ViTs: 0.9, 0.999
     # on conv/linear weights only; never on biases, norm parameters, ViT tokens and position embeddings
     # (protoclr.models.param_groups). adamw: decoupled, typically 0.04-0.05 for ViTs

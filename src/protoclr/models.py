@@ -13,7 +13,8 @@ Backbones (``BACKBONES``): torchvision's ``resnet18`` / ``resnet50`` with an opt
 ``timm/<name>`` (``pip install 'protoclr[timm]'``): ``timm.create_model(name, pretrained=False, num_classes=0)``,
 with ``model.timm_img_size`` / ``model.timm_patch_size`` for ViTs at CIFAR resolution. The projector is SimCLR
 v2's MLP: hidden layers ``Linear -> BatchNorm -> ReLU``, then a final ``Linear`` (Chen et al. 2020, "Big
-self-supervised models are strong semi-supervised learners"; the paper's default is 3 layers).
+self-supervised models are strong semi-supervised learners"), 3 layers by default as in SimCLR v2 and the
+reproduced paper's ImageNet setting.
 """
 
 from __future__ import annotations

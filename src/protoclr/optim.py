@@ -52,7 +52,7 @@ class LARS(torch.optim.Optimizer):
 
 # optim.name -> constructor(param groups, the optim config section, lr)
 OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], Any, float], torch.optim.Optimizer]] = {
-    "sgd": lambda groups, cfg, lr: torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum),  # the paper's default
+    "sgd": lambda groups, cfg, lr: torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum),  # the paper's optimizer
     "lars": lambda groups, cfg, lr: LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta),
     # AdamW (Loshchilov & Hutter 2019): decoupled weight decay; ViTs
     "adamw": lambda groups, cfg, lr: torch.optim.AdamW(groups, lr=lr, betas=(cfg.betas[0], cfg.betas[1])),
