@@ -6,7 +6,7 @@
 #   protoclr report docs/results/cpu/runs.db --out docs/results/cpu
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-PROTOCLR=${PROTOCLR:-protoclr}
+PYTHON=${PYTHON:-python3}  # a Python with protoclr installed (e.g. .venv/bin/python)
 for study in balance augmentation similarity class_balance; do
-    "$PROTOCLR" sweep "configs/cpu/$study.yaml" --out runs/study --workers 2
+    "$PYTHON" -m protoclr.cli sweep "configs/cpu/$study.yaml" --out runs/study --workers 2
 done
