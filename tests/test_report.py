@@ -150,7 +150,8 @@ def test_report_every_section_with_traceable_numbers(synthetic_db, tmp_path):
             "2 of 4 |") in md
     # empty study: said, not filled
     assert "No runs of this study in the database (sweeps with `study: class_balance`)" in md
-    assert "| class_balance | uniform class distribution | ImageNet-LT budget | 20.82 | - | no runs | - |" in md
+    row = "| class_balance | uniform class distribution | ImageNet-LT budget (our reading) | 20.82 | - | no runs | - |"
+    assert row in md
     # provenance under every table
     assert md.count("Config: `configs/cpu/grid.yaml`; command: `protoclr sweep grid`") >= 2
     pngs = sorted(p.name for p in out.glob("*.png"))
