@@ -143,7 +143,7 @@ def test_extract_features_batches_and_cache(tmp_path):
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(b"x")
     cache = ev.feature_cache_path(tmp_path / "cache", ckpt, split="toy:test")
-    feats, labels = ev.extract_features(model_fn, data, batch_size=5, cache=cache)
+    feats, labels = ev.extract_features(model_fn, data, batch_size=5, cache=cache, precision="32-true")
     assert calls == [5, 5, 5, 5, 3]
     torch.testing.assert_close(feats, (images.double() / 255).flatten(1).float() @ weight)
     assert torch.equal(labels, torch.arange(23) % 2)
@@ -152,7 +152,7 @@ def test_extract_features_batches_and_cache(tmp_path):
     assert len(calls) == 5 and torch.equal(feats, feats2) and torch.equal(labels, labels2)
     # a rewritten checkpoint gets a new key; another split too
     assert ev.feature_cache_path(tmp_path / "cache", ckpt, split="toy:train") != cache
-    bare, none = ev.extract_features(model_fn, images, batch_size=100)
+    bare, none = ev.extract_features(model_fn, images, batch_size=100, precision="32-true")
     assert none is None
     torch.testing.assert_close(bare, feats)
     with pytest.raises(ValueError, match="batch_size"):

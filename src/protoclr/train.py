@@ -49,6 +49,7 @@ from protoclr.losses import config_options, contrastive_loss, supervised_prototy
 from protoclr.measure import Monitor
 from protoclr.models import Encoder, build_encoder
 from protoclr.optim import LARS, build_optimizer
+from protoclr.precision import cpu_has_bf16, resolve_precision
 from protoclr.targets import TargetBranch
 from protoclr.views import train_views
 
@@ -69,16 +70,6 @@ def lr_schedule(*, peak: float, total_steps: int, warmup_steps: int, final: floa
 # devices, precision
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX512-BF16), where bf16 autocast
-    runs a convnet about twice as fast as float32; elsewhere bf16 is emulated and slower."""
-    cpu = getattr(torch, "cpu", None)
-    try:
-        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
-    except AttributeError:  # an older torch without the probes
-        return False
-
-
 def setup_fabric(cfg: Config, run_dir: Path | None):
     """``(fabric, on_gpu)``: Lightning Fabric for ``cfg.trainer`` (``precision=auto`` resolved here), with the
     loggers of ``trainer.loggers`` (:data:`LOGGERS`) writing into ``run_dir``; ``trainer.num_threads`` applied."""
@@ -91,7 +82,7 @@ def setup_fabric(cfg: Config, run_dir: Path | None):
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = accelerator in ("cuda", "gpu")
-    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu or cpu_has_bf16() else "32-true")
+    precision = resolve_precision(t.precision, "cuda" if on_gpu else "cpu")
     devices: Any = int(t.devices) if t.devices.isdigit() else t.devices
     loggers = [LOGGERS[name](run_dir) for name in t.loggers] if run_dir is not None else []
     # Lightning announces its precision plugin at INFO on stderr; the run's own first line says the same
