@@ -128,10 +128,11 @@ def test_paper_table_says_when_every_run_diverged(tmp_path):
 def test_report_every_section_with_traceable_numbers(synthetic_db, tmp_path):
     out = tmp_path / "report"
     md = R.write_report(synthetic_db, out).read_text()
-    for heading in ("## Against the paper", "## Balancing the loss", "## Augmentations and prototype bias",
-                    "## Similarity measure", "## Class balance", "## Bound terms and gaps over training",
-                    "## Training curves", "## Every point", "## Prototype estimators (target branch)"):
-        assert heading in md
+    headings = ("## The paper's claims", "## Against the paper", "## Balancing the loss",
+                "## Augmentations and prototype bias", "## Similarity measure",
+                "## Prototype estimators (target branch)", "## Bound terms and gaps over training",
+                "## Training curves", "## Every point")
+    assert [md.index(h) for h in headings] == sorted(md.index(h) for h in headings)  # each once, in this order
     # balanced, alpha=2, lam=4: seeds 0.74 and 0.76 -> 75.00 ± 1.41 (n=2), the best of its grid
     assert "| grid | name=balanced, alpha=2, lam=4 | 75.00 ± 1.41 (n=2) |" in md
     best = [line for line in md.splitlines() if line.startswith("| loss_balance | balanced loss, best (paper: alpha=4")]
@@ -148,8 +149,8 @@ def test_report_every_section_with_traceable_numbers(synthetic_db, tmp_path):
     # (flagged at epoch 0 of each of the 2 runs: 2 of 4); last epoch 1.5 + 0.1 + 0.01 * seed -> 1.6050 ± 0.0071
     assert ("| grid | name=balanced, alpha=1, lam=1 | repulsion_gap at nu = 1 | 1.5050 | 1.6050 ± 0.0071 | 2 | "
             "2 of 4 |") in md
-    # empty study: said, not filled
-    assert "No runs of this study in the database (sweeps with `study: class_balance`)" in md
+    # a study without runs: no empty section, one line at the end
+    assert "## Class balance" not in md and "Studies with no runs in this database: decoupled, class_balance." in md
     row = "| class_balance | uniform class distribution | ImageNet-LT budget (our reading) | 20.82 | - | no runs | - |"
     assert row in md
     # provenance under every table
@@ -161,15 +162,35 @@ def test_report_every_section_with_traceable_numbers(synthetic_db, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in md
     html = (out / "report.html").read_text()
     assert html.count("src='data:image/png;base64,") == len(pngs) and "src='http" not in html
-    assert "<h2>Class balance</h2>" in html
+    assert "<h2>Similarity measure</h2>" in html
 
 
 def test_empty_database_says_so(tmp_path):
     path = S.init_db(tmp_path / "runs.db")
     md = R.write_report(path, tmp_path / "r").read_text()
-    assert md.count("No runs of this study") == 6  # balance, augmentation, similarity, decoupled, classes, targets
-    assert "No run in the database recorded per-epoch bound terms" in md
+    assert "## The paper's claims" not in md and "--paper" in md  # no study here: no paper sections
+    assert "No run in the database recorded per-epoch bound terms (runs record them with `eval.diagnostics=true`" in md
     assert not list((tmp_path / "r").glob("*.png"))
+    md = R.write_report(path, tmp_path / "r", paper=True).read_text()
+    assert "## The paper's claims" in md and "Studies with no runs in this database: loss_balance, augmentation" in md
+
+
+def test_a_users_own_runs_come_first_with_not_measured_where_a_metric_was_off(tmp_path):
+    """A database of runs outside any study: the runs table and curves open the report, no claims or paper
+    rows saying "no runs", "not measured" for a metric the run did not record, curves against the step."""
+    path = S.init_db(tmp_path / "runs.db")
+    db = ResultsDB(path)
+    db.start_run("mine", config=Config().to_dict(), run_dir=tmp_path / "mine")
+    for epoch, step in ((-1, 0), (0, 10), (1, 20)):
+        db.log_epoch("mine", epoch, {"epoch": epoch, "step": step, "loss": 1.0 - 0.1 * step, "knn_top1": 0.5})
+    db.finish_run("mine", "finished", {"eval_linear_top1": 0.7, "eval_knn_top1": 0.6})
+    groups, _ = R.load_groups(path)
+    assert R._epoch_band(groups[0], "knn_top1")[0] == [0, 10, 20]  # x: the training step, step 0 first
+    md = R.write_report(path, tmp_path / "r").read_text()
+    assert md.index("## Every point") < md.index("## Training curves")
+    assert "no runs" not in md and "## Against the paper" not in md
+    row = next(line for line in md.splitlines() if line.startswith("| mine |"))
+    assert "| 70.00 ± - (n=1) | 60.00 ± - (n=1) | not measured | not measured | 1/1 done |" in row
 
 
 def test_missing_database_is_a_clear_error(tmp_path, capsys):

@@ -31,6 +31,7 @@ from protoclr.measure import (
     ATTRACTION_SUP,
     ATTRACTION_SURROGATE,
     BIAS,
+    BIAS_DEBIASED,
     BIAS_PROJ,
     EVAL_KNN,
     EVAL_LINEAR,
@@ -166,11 +167,11 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
     return m, s, n
 
 
-def fmt(values: list[float], *, scale: float = 1.0, digits: int = 2) -> str:
-    """``"mean ± std (n=k)"``; "no runs" for none."""
+def fmt(values: list[float], *, scale: float = 1.0, digits: int = 2, empty: str = "no runs") -> str:
+    """``"mean ± std (n=k)"``; ``empty`` for none."""
     m, s, n = mean_std([scale * v for v in values])
     if n == 0:
-        return "no runs"
+        return empty
     return f"{m:.{digits}f} ± {s:.{digits}f} (n={n})" if n > 1 else f"{m:.{digits}f} ± - (n=1)"
 
 
@@ -363,15 +364,17 @@ BOUND_PANELS = (
 
 
 def _epoch_band(g: Group, key: str) -> tuple[list[int], list[float], list[float]]:
-    by_epoch: dict[int, list[float]] = {}
+    """``(steps, means, stds)`` of ``key`` over the point's runs, one entry per training step with a record (the
+    step-0 record first where runs have one); records without a step fall back to their epoch number."""
+    by_step: dict[int, list[float]] = {}
     for rows in g.epochs.values():
         for row in rows:
             v = row.get(key)
             if isinstance(v, (int, float)) and math.isfinite(v):
-                by_epoch.setdefault(int(row["epoch"]), []).append(float(v))
-    xs = sorted(by_epoch)
-    stats = [mean_std(by_epoch[e]) for e in xs]
-    return [x + 1 for x in xs], [m for m, _, _ in stats], [0.0 if n < 2 else s for _, s, n in stats]
+                by_step.setdefault(int(row.get("step", row["epoch"])), []).append(float(v))
+    xs = sorted(by_step)
+    stats = [mean_std(by_step[x]) for x in xs]
+    return xs, [m for m, _, _ in stats], [0.0 if n < 2 else s for _, s, n in stats]
 
 
 def curves(groups: list[Group], panels, title: str) -> bytes:
@@ -394,7 +397,7 @@ def curves(groups: list[Group], panels, title: str) -> bytes:
                 ax.fill_between(xs, [m - s for m, s in zip(ms, ss, strict=True)],
                                 [m + s for m, s in zip(ms, ss, strict=True)], color=f"C{gi % 10}", alpha=0.15)
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("training step")
         if len(keys) > 1:
             ax.legend([Line2D([], [], color="k", ls=styles[i % 3]) for i in range(len(keys))],
                       [label for _, label in keys], fontsize=7)
@@ -429,11 +432,13 @@ def _stat_row(g: Group) -> list[str]:
     status = f"{len(g.runs) - len(other)}/{len(g.runs)} done" + (f", {g.diverged} diverged" if g.diverged else "")
     if other:
         status += ", " + ", ".join(f"{other.count(s)} {s}" for s in sorted(set(other)))
-    return [g.sweep, g.label, fmt(g.values(ACC), scale=100), fmt(g.values(EVAL_KNN), scale=100),
-            fmt(g.values(BIAS)), status]
+    empty = "not measured" if len(other) < len(g.runs) else "no runs"  # runs ended, without this metric
+    return [g.sweep, g.label, fmt(g.values(ACC), scale=100, empty=empty),
+            fmt(g.values(EVAL_KNN), scale=100, empty=empty), fmt(g.values(BIAS), empty=empty),
+            fmt(g.values(BIAS_DEBIASED), empty=empty), status]
 
 
-STAT_HEADER = ["sweep", "point", "linear top-1 (%)", "kNN top-1 (%)", "bias (deg)", "runs"]
+STAT_HEADER = ["sweep", "point", "linear top-1 (%)", "kNN top-1 (%)", "bias (deg)", "bias, debiased (deg)", "runs"]
 
 
 def _dataset(g: Group) -> str:
@@ -591,10 +596,12 @@ def section_class_balance(doc: Doc, groups: list[Group]) -> None:
 def section_bounds(doc: Doc, groups: list[Group]) -> None:
     doc.h(2, "Bound terms and gaps over training")
     gs = [g for g in groups if any(any(ATTRACTION_GAP in e for e in rows) for rows in g.epochs.values())]
-    preferred = [g for g in gs if g.study == "bounds"]
+    preferred = [g for g in gs if g.study == "bounds"] or [g for g in gs if len(g.epochs) and all(
+        len(rows) > 2 for rows in g.epochs.values())]  # a bounds sweep, else the points measured every epoch
     gs = preferred or gs[:6]
     if not gs:
-        doc.p("No run in the database recorded per-epoch bound terms (`protoclr sweep` adds them to each epoch).")
+        doc.p("No run in the database recorded per-epoch bound terms (runs record them with "
+              "`eval.diagnostics=true` and `eval.every` > 0).")
         return
     doc.p("Per epoch, on a class-balanced held-out probe set, L2-normalised projector outputs; the repulsion "
           "bound at the run's own inverse temperature and at nu = the smallest class-prototype norm on the probe "
@@ -603,7 +610,7 @@ def section_bounds(doc: Doc, groups: list[Group]) -> None:
           "seeds, bands: ± std." + ("" if preferred else " No `study: bounds` sweep: showing up to 6 points "
                                     "of other sweeps."))
     name = "bounds.png"
-    doc.image(name, curves(gs, BOUND_PANELS, "bound terms over epochs"), name)
+    doc.image(name, curves(gs, BOUND_PANELS, "bound terms over training"), name)
     rows = []
     for g in gs:
         epoch_rows = [row for rows_ in g.epochs.values() for row in rows_]
@@ -618,7 +625,7 @@ def section_bounds(doc: Doc, groups: list[Group]) -> None:
                 name = "repulsion_gap at nu = 1" if key in nu1 else short_name(key)
                 rows.append([g.sweep, g.label, name, f"{ms[0]:.4f}", last, str(len(g.runs)),
                              violates if key in nu1 else ""])
-    doc.table(["sweep", "point", "gap", "first epoch (mean)", "last epoch (mean ± std)", "runs",
+    doc.table(["sweep", "point", "gap", "first record (mean)", "last record (mean ± std)", "runs",
                "epochs where nu = 1 violates nu <= min ||mu_y||"], rows)
     _provenance(doc, gs)
 
@@ -638,7 +645,7 @@ def section_targets(doc: Doc, groups: list[Group]) -> None:
     doc.table(["sweep", "point", "attraction gap", "repulsion gap", "bias backbone (deg)", "bias projector (deg)"],
               rows)
     name = "targets_bounds.png"
-    doc.image(name, curves(gs, BOUND_PANELS, "bound terms over epochs, per target branch"), name)
+    doc.image(name, curves(gs, BOUND_PANELS, "bound terms over training, per target branch"), name)
     _provenance(doc, gs)
 
 
@@ -663,9 +670,25 @@ def section_all(doc: Doc, groups: list[Group], counts: dict[str, int]) -> None:
     doc.p("Runs by status: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".")
 
 
-def build_report(db_path: str | Path, *, title: str = "protoclr results", note: str = "") -> Doc:
-    """The whole report as a :class:`Doc` (every section present, empty ones saying so)."""
+# The study sections: (study, section); each is drawn only when the database holds runs of its study.
+STUDY_SECTIONS: list[tuple[str, Callable[[Doc, list[Group]], None]]] = [
+    ("loss_balance", lambda doc, gs: section_loss_balance(doc, gs)),
+    ("augmentation", lambda doc, gs: section_augmentation(doc, gs)),
+    ("similarity", lambda doc, gs: _bar_section(doc, gs, "similarity", "Similarity measure", "")),
+    ("decoupled", lambda doc, gs: _bar_section(doc, gs, "decoupled", "Decoupled contrastive loss against NT-Xent", "")),
+    ("class_balance", lambda doc, gs: section_class_balance(doc, gs)),
+    ("targets", lambda doc, gs: section_targets(doc, gs)),
+]
+
+
+def build_report(db_path: str | Path, *, title: str = "protoclr results", note: str = "",
+                 paper: bool | None = None) -> Doc:
+    """The whole report as a :class:`Doc`. With studies in the database (sweep files with ``study:``, or
+    ``paper=True``): the claims table first, then the paper's table and each study that has runs; without: the
+    user's runs and curves first, and no paper sections."""
     groups, counts = load_groups(db_path)
+    studies = {g.study for g in groups if g.study}
+    paper = bool(studies) if paper is None else paper
     doc = Doc()
     doc.h(1, title)
     doc.p(f"Database: `{db_path}`, {sum(counts.values())} runs in {len(groups)} points; generated "
@@ -673,25 +696,33 @@ def build_report(db_path: str | Path, *, title: str = "protoclr results", note: 
           "top-1 on frozen backbone features; bias: angle (degrees) between surrogate and class prototypes.")
     if note:
         doc.p(note)
+    if not paper:
+        section_all(doc, groups, counts)
+        section_training(doc, groups)
+        section_bounds(doc, groups)
+        doc.p("The paper's claims and studies are left out: no run here belongs to a study (a sweep file with "
+              "`study:`); `protoclr report DB --out DIR --paper` adds them.")
+        return doc
     section_claims(doc, groups)
     section_paper(doc, groups)
-    section_loss_balance(doc, groups)
-    section_augmentation(doc, groups)
-    _bar_section(doc, groups, "similarity", "Similarity measure", "")
-    _bar_section(doc, groups, "decoupled", "Decoupled contrastive loss against NT-Xent", "")
-    section_class_balance(doc, groups)
-    section_targets(doc, groups)
+    for study, section in STUDY_SECTIONS:
+        if study in studies:
+            section(doc, groups)
     section_bounds(doc, groups)
     section_training(doc, groups)
     section_all(doc, groups, counts)
+    missing = [study for study, _ in STUDY_SECTIONS if study not in studies]
+    if missing:
+        doc.p("Studies with no runs in this database: " + ", ".join(missing) + ".")
     return doc
 
 
-def write_report(db_path: str | Path, out: str | Path, *, title: str = "protoclr results", note: str = "") -> Path:
+def write_report(db_path: str | Path, out: str | Path, *, title: str = "protoclr results", note: str = "",
+                 paper: bool | None = None) -> Path:
     """Write ``report.md`` + PNGs and ``report.html`` into ``out``; returns the markdown path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = build_report(db_path, title=title, note=note)
+    doc = build_report(db_path, title=title, note=note, paper=paper)
     for name, png in doc.images.items():
         atomic.write_bytes(out / name, png)
     atomic.write_text(out / "report.md", doc.markdown())
@@ -705,8 +736,10 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="folder for report.md, report.html and the PNG plots")
     p.add_argument("--title", default="protoclr results")
     p.add_argument("--note", default="", help="a paragraph placed under the title (e.g. 'partial: ...')")
+    p.add_argument("--paper", action="store_true", default=None,
+                   help="the paper's claims and study sections even when no run belongs to a study")
     args = p.parse_args(argv)
-    md = write_report(args.db, args.out, title=args.title, note=args.note)
+    md = write_report(args.db, args.out, title=args.title, note=args.note, paper=args.paper)
     print(f"wrote {md} and {md.with_name('report.html')}")
     return 0
 
