@@ -158,11 +158,17 @@ def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, capsys, monkeypatch):
 
     _tiny_fashion_mnist(tmp_path / "fm")
     monkeypatch.chdir(tmp_path)
-    rc = main(["demo", f"data.root={tmp_path / 'fm'}", "train.batch_size=64", "train.steps=6", "trainer.progress=false",
-               "model.convnet_widths=8,16", "model.projector_hidden_dim=32", "model.projector_dim=16",
-               "eval.every=0", "trainer.loggers=[]"])
+    monkeypatch.setenv("PROTOCLR_CACHE", str(tmp_path / "cache"))
+    args = ["demo", f"data.root={tmp_path / 'fm'}", "train.batch_size=64", "train.steps=6", "trainer.progress=false",
+            "model.convnet_widths=8,16", "model.projector_hidden_dim=32", "model.projector_dim=16",
+            "eval.every=0", "trainer.loggers=[]"]
+    rc = main(args)
     out = capsys.readouterr().out
     assert rc == 0, out
+    # one line per stage (output is not a terminal): features, kNN and probe for each encoder, kNN and probe for pixels
+    stages = [line for line in out.splitlines() if line.startswith("  ") and line.rstrip().endswith(" s")]
+    assert len(stages) == 8 and sum("linear probe" in line for line in stages) == 3, stages
+    assert "read from the cache" not in out
     for row in ("raw pixels (centered)", "convnet, random init", "convnet, pretrained", "6 steps of 64 images",
                 "pretraining", "images/s"):
         assert row in out
@@ -180,3 +186,8 @@ def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, capsys, monkeypatch):
     assert f"{100 * fm['eval_knn_top1_full']:.1f}%" in out and f"{100 * fm['raw_pixel_linear_top1_full']:.1f}%" in out
     # the full splits, not final_metrics' draws: the demo never writes final_metrics' keys
     assert "eval_knn_top1" not in fm and "eval_linear_top1" not in fm
+    # a second demo reads both floors from the cache (the same numbers) and evaluates only the pretrained encoder
+    assert main([*args, "train.run_name=again"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("read from the cache") == 2 and f"{100 * fm['raw_pixel_knn_top1_full']:.1f}%" in out
+    assert sum(line.startswith("  linear probe") for line in out.splitlines()) == 1

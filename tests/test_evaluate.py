@@ -399,3 +399,28 @@ def test_the_headline_keys_carry_the_reports_own_values():
     assert out["diag_attraction_ssl"] == a["self_supervised"]
     assert out["diag_attraction_gap"] == a["gap"]
     assert out["diag_repulsion_sup"] == r["supervised"] and out["diag_repulsion_ssl"] == r["self_supervised"]
+
+
+def test_a_cached_floor_is_recomputed_when_the_protocol_or_the_data_changes(tmp_path, monkeypatch):
+    from protoclr import measure as M
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"knn_top1": 0.5 + 0.1 * len(calls)}
+
+    key = {"train": {"rows": 100, "labels": "abc"}}
+    first, cached = M.cached_floor("raw_pixels", key, compute, cache_dir=tmp_path)
+    assert (first, cached, len(calls)) == ({"knn_top1": 0.6}, False, 1)
+    assert M.cached_floor("raw_pixels", key, compute, cache_dir=tmp_path) == ({"knn_top1": 0.6}, True)
+    assert len(calls) == 1  # read back, not recomputed
+    other_data = {"train": {"rows": 101, "labels": "abc"}}
+    assert M.cached_floor("raw_pixels", other_data, compute, cache_dir=tmp_path)[1] is False
+    for name, value in (("KNN_K", 20), ("KNN_TEMPERATURE", 0.07), ("PROTOCOL_REVISION", 99)):
+        with monkeypatch.context() as m:
+            m.setattr(M, name, value)
+            n = len(calls)
+            assert M.cached_floor("raw_pixels", key, compute, cache_dir=tmp_path)[1] is False and len(calls) == n + 1
+    monkeypatch.setattr(M, "linear_probe_cached", lambda *a, val_fraction=0.2, **k: None)  # another probe default
+    assert M.cached_floor("raw_pixels", key, compute, cache_dir=tmp_path)[1] is False

@@ -12,6 +12,7 @@ the pretraining minutes and images per second. runs.db gets them under the full 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
@@ -32,6 +33,21 @@ from protoclr.train import pretrain
 # The Fashion-MNIST recipe (docs/results/cpu/recipe.md, "Fashion-MNIST: the demo"), applied to the CPU default
 # before the user's overrides; configs/cpu_fashion_mnist.yaml spells the same config out (a test keeps them equal).
 RECIPE = ["loss.alpha=8", "model.convnet_pool=2", "train.steps=1400", "eval.every=0"]
+
+
+def _stage_printer(console: Console):
+    """``stage(name)``: a context manager that prints one line with ``name`` and its time when it ends, and on a
+    terminal also a line when it starts (the feature stage then shows a bar with the remaining time)."""
+
+    @contextlib.contextmanager
+    def stage(name: str):
+        t0 = time.perf_counter()
+        if console.is_terminal:
+            console.print(f"  {name} ...")
+        yield
+        console.print(f"  {name}: {time.perf_counter() - t0:.1f} s")
+
+    return stage
 
 
 def cli_main(argv: list[str]) -> int:
@@ -56,9 +72,21 @@ def cli_main(argv: list[str]) -> int:
     full = copy.deepcopy(cfg)
     full.data.train_subset, full.data.class_profile = 0, "none"
     train, test, spec = splits.load_data(full)
-    rows = {"raw pixels (centered)": raw_pixel_floor(train, test),
-            f"{cfg.model.backbone}, random init": random_init_floor(cfg, train, test, spec),
-            f"{cfg.model.backbone}, pretrained": evaluate_backbone(encoder.backbone, train, test, spec)}
+    stage = _stage_printer(console)
+    key = {"train": M.data_fingerprint(train), "test": M.data_fingerprint(test), "spec": repr(spec)}
+    init_key = {**key, "model": cfg.to_dict()["model"], "seed": cfg.train.seed}
+    rows = {}
+    for name, floor, k, compute in (
+            ("raw pixels (centered)", "raw_pixels", key, lambda: raw_pixel_floor(train, test, stage=stage)),
+            (f"{cfg.model.backbone}, random init", "random_init", init_key,
+             lambda: random_init_floor(cfg, train, test, spec, stage=stage, progress=console.is_terminal))):
+        console.print(f"{name}:")
+        rows[name], cached = M.cached_floor(floor, k, compute)
+        if cached:
+            console.print("  computed before with this data and protocol: read from the cache")
+    console.print(f"{cfg.model.backbone}, pretrained:")
+    rows[f"{cfg.model.backbone}, pretrained"] = evaluate_backbone(encoder.backbone, train, test, spec, stage=stage,
+                                                                  progress=console.is_terminal)
     t_eval = time.perf_counter() - t1
     table = Table(title=f"protoclr demo: {cfg.data.dataset}, {cfg.loss.name} loss, {steps} steps of "
                         f"{cfg.train.batch_size} images")

@@ -17,13 +17,21 @@ and ``protoclr diagnose`` use; a new metric is a new key here and the function t
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from protoclr import splits
+import protoclr
+from protoclr import atomic, splits
+from protoclr.data import default_cache_dir
 from protoclr.diagnostics import diagnose_features, view_features
 from protoclr.evaluate import (
     extract_features,
@@ -40,6 +48,7 @@ from protoclr.views import ViewSpec, eval_images
 
 KNN_K = 200  # neighbours (InstDisc, Wu et al. 2018)
 KNN_TEMPERATURE = 0.1  # weight exp(sim / T)
+PROTOCOL_REVISION = 2  # bumped when the protocol code changes its numbers (2: preconditioned probe, bf16 features)
 
 # score_features' scores (a protocol's two numbers, before a key names where they were measured)
 SCORE_KNN, SCORE_LINEAR = "knn_top1", "linear_top1"
@@ -162,14 +171,19 @@ def command_metrics(results: dict[str, dict[str, Any]], *, fit_images: int = 0, 
 
 
 def score_features(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor, *, num_classes: int,
-                   knn: bool = True, linear: bool = True) -> dict[str, float]:
-    """``{SCORE_KNN, SCORE_LINEAR}`` (those asked for): ``f_*`` (N, F) / (M, F), ``y_*`` (N,) / (M,)."""
+                   knn: bool = True, linear: bool = True, stage: Callable[[str], Any] | None = None
+                   ) -> dict[str, float]:
+    """``{"knn_top1", "linear_top1"}`` (those asked for): ``f_*`` (N, F) / (M, F), ``y_*`` (N,) / (M,). ``stage``:
+    as in :func:`evaluate_backbone`."""
+    stage = stage or (lambda name: contextlib.nullcontext())
     out = {}
     if knn:
-        out[SCORE_KNN] = knn_accuracy(f_train, y_train, f_test, y_test, num_classes=num_classes,
-                                       k=min(KNN_K, len(f_train)), temperature=KNN_TEMPERATURE)["top1"]
+        with stage(f"kNN ({len(f_test):,} x {len(f_train):,})"):
+            out[SCORE_KNN] = knn_accuracy(f_train, y_train, f_test, y_test, num_classes=num_classes,
+                                          k=min(KNN_K, len(f_train)), temperature=KNN_TEMPERATURE)["top1"]
     if linear:
-        out[SCORE_LINEAR] = linear_probe_cached(f_train, y_train, f_test, y_test, num_classes=num_classes)["top1"]
+        with stage(f"linear probe ({len(f_train):,} x {f_train.shape[1]})"):
+            out[SCORE_LINEAR] = linear_probe_cached(f_train, y_train, f_test, y_test, num_classes=num_classes)["top1"]
     return out
 
 
@@ -202,12 +216,16 @@ def backbone_features(backbone: nn.Module, data: Any, spec: ViewSpec, *, batch_s
 
 
 def evaluate_backbone(backbone: nn.Module, train: Any, test: Any, spec: ViewSpec, *, knn: bool = True,
-                      linear: bool = True, batch_size: int = 1024, device: str | torch.device = "cpu"
-                      ) -> dict[str, float]:
-    """The protocol (module docstring) for ``backbone``, fitted on every image of ``train``, scored on ``test``."""
-    f_tr, y_tr = backbone_features(backbone, train, spec, batch_size=batch_size, device=device)
-    f_te, y_te = backbone_features(backbone, test, spec, batch_size=batch_size, device=device)
-    return score_features(f_tr, y_tr, f_te, y_te, num_classes=len(test.classes), knn=knn, linear=linear)
+                      linear: bool = True, batch_size: int = 1024, device: str | torch.device = "cpu",
+                      stage: Callable[[str], Any] | None = None, progress: bool = False) -> dict[str, float]:
+    """The protocol (module docstring) for ``backbone``, fitted on every image of ``train``, scored on ``test``.
+    ``stage(name)``: a context manager entered around each stage ("features", "kNN", "linear probe"), e.g. to
+    print its time; ``progress``: a bar with the remaining time while features are extracted."""
+    stage = stage or (lambda name: contextlib.nullcontext())
+    with stage(f"features of {len(train) + len(test):,} images"):
+        f_tr, y_tr = backbone_features(backbone, train, spec, batch_size=batch_size, device=device, progress=progress)
+        f_te, y_te = backbone_features(backbone, test, spec, batch_size=batch_size, device=device, progress=progress)
+    return score_features(f_tr, y_tr, f_te, y_te, num_classes=len(test.classes), knn=knn, linear=linear, stage=stage)
 
 
 def knn_scores(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor, *, num_classes: int,
@@ -240,23 +258,65 @@ def augmented_probe_scores(backbone: nn.Module, train: Any, test: Any, spec: Vie
                                   groups=groups, progress=progress)
 
 
-def raw_pixel_floor(train: Any, test: Any, *, linear: bool = True) -> dict[str, float]:
+def raw_pixel_floor(train: Any, test: Any, *, linear: bool = True, stage: Callable[[str], Any] | None = None
+                    ) -> dict[str, float]:
     """The protocol on raw pixels, centered by the training mean: the floor any representation must beat.
     In-memory datasets only (their stored images, as uint8 -> float)."""
     x_tr = train.get_images(torch.arange(len(train))).flatten(1).float()  # (N, C*H*W)
     x_te = test.get_images(torch.arange(len(test))).flatten(1).float()
     mean = x_tr.mean(0)
     return score_features(x_tr - mean, train.labels.long(), x_te - mean, test.labels.long(),
-                          num_classes=len(test.classes), linear=linear)
+                          num_classes=len(test.classes), linear=linear, stage=stage)
 
 
 def random_init_floor(cfg: Any, train: Any, test: Any, spec: ViewSpec, *, linear: bool = True,
-                      device: str | torch.device = "cpu") -> dict[str, float]:
+                      device: str | torch.device = "cpu", stage: Callable[[str], Any] | None = None,
+                      progress: bool = False) -> dict[str, float]:
     """The protocol on the encoder of ``cfg`` as the run initializes it (seeded with ``train.seed``) before
     any step: how much accuracy the architecture gives without training."""
     torch.manual_seed(cfg.train.seed)  # the loop seeds the same way right before it builds the encoder
     encoder = build_encoder(cfg.model, in_channels=spec.channels).to(device)
-    return evaluate_backbone(encoder.backbone, train, test, spec, linear=linear, device=device)
+    return evaluate_backbone(encoder.backbone, train, test, spec, linear=linear, device=device, stage=stage,
+                             progress=progress)
+
+
+def protocol_fingerprint() -> dict[str, Any]:
+    """What the full protocol's numbers depend on besides the data and the encoder: the kNN's k and temperature,
+    the probe's defaults (weight decays, validation split, stopping rule) and protoclr's version. A cached floor
+    (:func:`cached_floor`) is recomputed when any of them changes."""
+    probe = {name: p.default for name, p in inspect.signature(linear_probe_cached).parameters.items()
+             if p.default is not inspect.Parameter.empty}
+    return {"knn_k": KNN_K, "knn_temperature": KNN_TEMPERATURE, "probe": probe, "revision": PROTOCOL_REVISION,
+            "version": protoclr.__version__}
+
+
+def data_fingerprint(data: Any) -> dict[str, Any]:
+    """A cheap identity of an in-memory labeled dataset for :func:`cached_floor`: its size, image shape, and
+    hashes of its labels and of every 97th image."""
+    idx = torch.arange(0, len(data), 97)
+    images = data.get_images(idx)
+    return {"rows": len(data), "shape": list(images.shape[1:]),
+            "labels": hashlib.sha256(torch.as_tensor(data.labels).long().numpy().tobytes()).hexdigest()[:16],
+            "images": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]}
+
+
+def cached_floor(name: str, key: dict[str, Any], compute: Callable[[], dict[str, float]], *,
+                 cache_dir: str | Path | None = None) -> tuple[dict[str, float], bool]:
+    """``(scores, from_cache)``: a deterministic floor (raw pixels, random init) computed once and kept as JSON
+    under ``cache_dir`` (default: the decode cache, :func:`protoclr.data.default_cache_dir`), in a file named by
+    the hash of ``key`` (the data and encoder it depends on) and :func:`protocol_fingerprint`."""
+    blob = json.dumps({"floor": name, **key, "protocol": protocol_fingerprint()}, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()) / f"floor-{name}-{digest}.json"
+    if path.is_file():
+        try:
+            return {k: float(v) for k, v in json.loads(path.read_text())["scores"].items()}, True
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable cache file is recomputed and replaced
+    scores = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(path, json.dumps({"key": json.loads(blob), "scores": scores}, indent=1))
+    return scores, False
 
 
 # ----------------------------------------------------------------------------------------------------------
