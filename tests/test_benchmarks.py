@@ -83,3 +83,16 @@ def test_screen_trains_each_run_for_its_steps_and_scores_it(tmp_path):
     assert "error" in res["nan"], res["nan"]
     out = table(plan, list(res.values()))
     assert f"{100 * res['base']['knn_top1']:.2f}%" in out and "| nan |" in out
+
+
+@pytest.mark.slow
+def test_eval_speed_runs_every_stage_and_prints_the_ratios(tmp_path):
+    _tiny_fashion_mnist(tmp_path / "fm")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "eval_speed.py"), "--root", str(tmp_path / "fm"),
+         "--train-images", "200", "--test-images", "50", "--train-steps", "1"],
+        check=True, capture_output=True, text=True, cwd=tmp_path,
+    ).stdout
+    for line in ("forward + backward", "now / before", "float64 on the same features", "probe / one sklearn fit",
+                 "probe / previous"):
+        assert line in out, out
