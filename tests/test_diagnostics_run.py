@@ -180,9 +180,11 @@ def test_diagnose_cli_prints_writes_json_plots_and_records(run, capsys):
     for name in out["plots"].values():
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     row = ResultsDB(run_dir.parent / "runs.db").get_run(run_dir.name)["final_metrics"]
-    assert row["diag_bias_angle_deg"] == out["headline"]["diag_bias_angle_deg"]
-    assert row["diag_repulsion_gap"] == out["bounds"]["repulsion"]["alpha=2,nu=min"]["gap"]
-    assert row["diag_repulsion_gap/alpha2_nu1"] == out["bounds"]["repulsion"]["alpha=2,nu=1"]["gap"]
+    # under keys that name diagnose's probe (200 images x 4 views), never the monitor's plain keys
+    assert not any(k.startswith("diag_") and not k.endswith("_probe200x4") for k in row)
+    assert row["diag_bias_angle_deg_probe200x4"] == out["headline"]["diag_bias_angle_deg"]
+    assert row["diag_repulsion_gap_probe200x4"] == out["bounds"]["repulsion"]["alpha=2,nu=min"]["gap"]
+    assert row["diag_repulsion_gap/alpha2_nu1_probe200x4"] == out["bounds"]["repulsion"]["alpha=2,nu=1"]["gap"]
     assert [p.name for p in run_dir.glob(".diagnostics.json*")] == []  # no temporary file left
 
 

@@ -307,7 +307,9 @@ def cli_main(argv: list[str]) -> int:
     }
     out_path = run_dir / "diagnostics.json"
     write_json(out_path, record)
-    flat = scalars if run.own_dataset else {M.on_dataset(k, name): v for k, v in scalars.items()}
+    # diagnose's own probe set and views: keys of their own, never the monitor's (the sweep's final diag_* keys)
+    flat = {M.on_probe(k, images=len(probe), views=args.views): v for k, v in scalars.items()}
+    flat = flat if run.own_dataset else {M.on_dataset(k, name): v for k, v in flat.items()}
     where = record_final_metrics(run_dir, flat)
     console.print(f"wrote {out_path} and {', '.join(plots.values())}; {where}")
     return 0

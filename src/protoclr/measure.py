@@ -123,6 +123,14 @@ def diagnostics_only(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if is_diagnostic(k)}
 
 
+def on_probe(key: str, *, images: int, views: int) -> str:
+    """A diagnostic measured by ``protoclr diagnose`` on its own probe set (``images`` x ``views``), not the
+    monitor's: ``diag_bias_angle_deg_probe1000x8``. Never the key the training loop's monitor writes."""
+    if not is_diagnostic(key):
+        raise ValueError(f"{key!r} is not a diagnostic key")
+    return f"{key}_probe{images}x{views}"
+
+
 def short_name(key: str) -> str:
     """A diagnostic key without its prefix, for a table or a plot (``attraction_gap``)."""
     return key.removeprefix(DIAG)
