@@ -50,6 +50,9 @@ CASES = [
     ("pretrain train.epochs=two", "train.epochs: expected an integer"),
     ("pretrain loss.name=foo", "loss.name: unknown loss 'foo'; choose one of nt_xent, "),
     ("pretrain --resume {folder}", "holds no checkpoint.pt"),
+    ("pretrain --dry-run model.backbone=timm/vit_tiny_patch16_224",
+     "model.timm_img_size: timm/vit_tiny_patch16_224 takes 224-pixel input in 16-pixel patches but the views are "
+     "28 px"),
     ("evaluate {junk}", "junk.pt is not a protoclr checkpoint"),
     ("evaluate {torch_dict}", "weights.pt is a torch file but not a protoclr checkpoint"),
     ("evaluate {folder}", "no checkpoint at"),

@@ -519,3 +519,49 @@ def test_measuring_during_training_leaves_training_unchanged(full_run, tmp_path)
     for group in a:
         for k in a[group]:
             assert torch.equal(a[group][k], b[group][k]) and torch.equal(a[group][k], c[group][k]), f"{group}.{k}"
+
+
+def _rgb_folder(root: Path, *, n: int = 16, side: int = 40) -> Path:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            a = torch.randint(0, 256, (side, side, 3), dtype=torch.uint8, generator=g)
+            Image.fromarray(a.numpy()).save(root / c / f"{i}.png")
+    return root
+
+
+SMALL = ["train.batch_size=16", "train.steps=1", "eval.every=0", "eval.online_probe=false", "trainer.progress=false",
+         "trainer.loggers=[]", "model.convnet_widths=[8]", "model.projector_hidden_dim=16", "model.projector_dim=8",
+         "trainer.precision=32-true"]
+
+
+def test_an_rgb_image_folder_trains_and_saves_rgb_views_of_its_size(tmp_path, capsys, monkeypatch):
+    """RGB 40x40 photos with the default (grey 28 px) preset: one line says what was chosen, and the run trains
+    and saves RGB 40-pixel views, so that evaluate and export read (B, 3, 40, 40)."""
+    from protoclr.views import config_view_spec
+
+    monkeypatch.setenv("PROTOCLR_CACHE", str(tmp_path / "cache"))
+    folder = _rgb_folder(tmp_path / "photos")
+    cfg = load_config(None, ["data.dataset=image_folder", f"data.root={folder}", *SMALL, f"train.out_dir={tmp_path}",
+                             "train.run_name=rgb"])
+    run = pretrain(cfg)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data.views")]
+    assert len(lines) == 1 and f"{folder} holds RGB images of about 40 px" in lines[0]
+    assert "simclr_cifar at 40 px instead of the default simclr_small" in lines[0]
+    _, saved = load_run(run)
+    spec = config_view_spec(saved.data)
+    assert (spec.channels, spec.size) == (3, 40)
+    assert ckpt.load(run / "checkpoint.pt")["in_channels"] == 3
+    assert cfg.data.views == "simclr_small"  # the caller's config is not changed under it
+
+
+def test_a_vit_without_timm_img_size_is_built_for_the_views(tmp_path, capsys):
+    pytest.importorskip("timm")
+    assert cli_main(["--dry-run", "model.backbone=timm/vit_tiny_patch16_224", "model.timm_patch_size=4",
+                     "trainer.progress=false", "trainer.precision=32-true", "model.projector_hidden_dim=32"]) == 0
+    out = capsys.readouterr().out
+    assert "model.timm_img_size: timm/vit_tiny_patch16_224 takes 224-pixel input; built for the 28-pixel views" in out
+    assert "dry run ok" in out

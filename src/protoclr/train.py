@@ -41,16 +41,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import protoclr
-from protoclr import checkpoint, runs, splits
-from protoclr.config import Config, ConfigError, load_config
+from protoclr import checkpoint, data, runs, splits
+from protoclr.config import Config, ConfigError, DataConfig, load_config
 from protoclr.distributed import all_gather_no_grad
 from protoclr.loggers import LOGGERS
 from protoclr.losses import config_options, contrastive_loss, supervised_prototype_loss
 from protoclr.measure import Monitor
-from protoclr.models import Encoder, build_encoder
+from protoclr.models import TIMM_PREFIX, Encoder, build_encoder, timm_input_size
 from protoclr.optim import LARS, build_optimizer
 from protoclr.targets import TargetBranch
-from protoclr.views import train_views
+from protoclr.views import config_view_spec, fit_views, train_views
 
 # ----------------------------------------------------------------------------------------------------------
 # schedule
@@ -170,6 +170,38 @@ def schedule(cfg: Config, num_images: int) -> tuple[int, int, int, torch.Tensor]
     return steps_per_epoch, total, -(-total // steps_per_epoch), lrs
 
 
+def fit_to_data(cfg: Config, train: Any, *, say: Callable[[str], Any] = print) -> Config:
+    """``cfg`` with its views fitted to the training images (``train``; None skips that: a dry run's fake data)
+    and a fixed-size timm model (a ViT) built for the views' size when ``model.timm_img_size`` is 0: a copy when
+    anything changes, each change said in one line by ``say``. A preset the user chose that would turn RGB images
+    grey, and views whose side is not a multiple of the ViT's patch, raise a ConfigError naming the keys
+    (protoclr.views.fit_views). The result is the config the run saves, so evaluation and export see the same."""
+    d, m = cfg.data, cfg.model
+    out = copy.deepcopy(cfg)
+    if train is not None:
+        channels, side = data.image_shape(train)
+        what = d.root if d.dataset == "image_folder" and d.root else d.dataset
+        chosen = d.views != DataConfig().views or any(o.replace(" ", "").startswith("size=") for o in d.view_overrides)
+        out.data.views, out.data.view_overrides, msg = fit_views(d, channels=channels, side=side, what=what,
+                                                                  chosen=chosen)
+        if msg:
+            say(msg)
+    size = config_view_spec(out.data).size
+    if m.backbone.startswith(TIMM_PREFIX) and not m.timm_img_size:
+        fixed = timm_input_size(m.backbone[len(TIMM_PREFIX):], patch_size=m.timm_patch_size)
+        if fixed is not None and fixed[0] != size:
+            img, patch = fixed
+            if size % patch:
+                fits = min((p for p in range(1, size) if size % p == 0), key=lambda p: abs(p - size / 8))  # ~8x8
+                raise ConfigError(f"model.timm_img_size: {m.backbone} takes {img}-pixel input in {patch}-pixel "
+                                  f"patches but the views are {size} px (data.views={out.data.views}), not a multiple "
+                                  f"of {patch}; set model.timm_img_size={size} model.timm_patch_size={fits}")
+            out.model.timm_img_size = size
+            say(f"model.timm_img_size: {m.backbone} takes {img}-pixel input; built for the {size}-pixel views "
+                f"instead ({size // patch}x{size // patch} patches of {patch} px; model.timm_patch_size changes that)")
+    return cfg if out.to_dict() == cfg.to_dict() else out.validate()
+
+
 def _isolated(hook: Callable[[Encoder, dict[str, Any]], dict[str, Any] | None], encoder: Encoder,
               metrics: dict[str, Any]) -> dict[str, Any]:
     """``hook(encoder, metrics)`` with the RNG states and the encoder's mode restored after it."""
@@ -264,12 +296,16 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     Raises :class:`TrainingDiverged` when a non-finite loss or gradient stops the run.
     """
     cfg, fabric, on_gpu, run_dir = _launch(cfg, dry_run=dry_run)
+    if dry_run:
+        data.check_exists(cfg.data.dataset, root=cfg.data.root or None, split=cfg.data.train_split)
+    train, test, spec = splits.load_data(cfg, fake=dry_run)
+    cfg = fit_to_data(cfg, None if dry_run else train, say=fabric.print)  # the views, the timm input size
+    spec = config_view_spec(cfg.data)
     tc, W, rank = cfg.train, fabric.world_size, fabric.global_rank
     ckpt_file = run_dir / "checkpoint.pt"
     state = checkpoint.load(ckpt_file) if ckpt_file.is_file() and not dry_run else None
     if state is not None:
         runs.check_resumable(state["config"], cfg.to_dict())
-    train, test, spec = splits.load_data(cfg, fake=dry_run)
     B, Bl = tc.batch_size, tc.batch_size // W
     steps_per_epoch, total_steps, num_epochs, lrs = schedule(cfg, len(train))
     tv = train_views(cfg.data)  # global views (resized over training by data.view_sizes) and local views
