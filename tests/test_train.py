@@ -565,3 +565,22 @@ def test_a_vit_without_timm_img_size_is_built_for_the_views(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "model.timm_img_size: timm/vit_tiny_patch16_224 takes 224-pixel input; built for the 28-pixel views" in out
     assert "dry run ok" in out
+
+
+def test_skip_bad_leaves_out_a_broken_image_and_lists_it_in_the_run_folder(tmp_path, capsys, monkeypatch):
+    from protoclr.cli import main
+
+    monkeypatch.setenv("PROTOCLR_CACHE", str(tmp_path / "cache"))
+    folder = _rgb_folder(tmp_path / "photos")
+    broken = folder / "dog" / "broken.png"
+    broken.write_bytes((folder / "dog" / "0.png").read_bytes()[:40])  # truncated
+    assert main(["pretrain", "data.dataset=image_folder", f"data.root={folder}", *SMALL, f"train.out_dir={tmp_path}",
+                 "train.run_name=skip", "--skip-bad"]) == 0
+    out = capsys.readouterr()
+    said = [ln for ln in out.out.splitlines() if "bad image" in ln]
+    assert said == [f"skipped 1 bad image file(s) in {folder} (data.on_bad=skip); listed in "
+                    f"{tmp_path / 'skip' / 'skipped_files.txt'}"]
+    assert "bad image" not in out.err  # no loader warning besides the run's one line
+    listed = (tmp_path / "skip" / "skipped_files.txt").read_text().splitlines()
+    assert len(listed) == 1 and str(broken) in listed[0]
+    assert load_config(tmp_path / "skip" / "config.yaml").data.on_bad == "skip"

@@ -369,6 +369,9 @@ def build_sweep(args: argparse.Namespace) -> Sweep:
         raw = read_yaml(path)
     except ConfigError as e:
         raise SweepError(str(e)) from None
+    if not raw:  # an empty file (or only comments) would be one run of the defaults, which nobody means
+        raise SweepError(f"{path} is empty; a sweep file holds grid: (with base:, seeds:, overrides:) and a base "
+                         "config its sections (docs/experiments.md)")
     is_sweep_file = isinstance(raw, dict) and "grid" in raw
     sweep = load_sweep_file(path) if is_sweep_file else Sweep(name=path.stem, base=path.resolve(), grid={}, seeds=1)
     grid = dict(sweep.grid)

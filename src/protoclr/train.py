@@ -2,7 +2,8 @@
 
     protoclr pretrain                                   # CPU default: Fashion-MNIST, convnet, balanced loss
     protoclr pretrain --config configs/cpu_cifar10.yaml # the CPU recipe on the CIFAR-10 copy
-    protoclr pretrain --config configs/imagenet_resnet50.yaml --dry-run   # 2 steps, full model, fake data
+    protoclr pretrain --config configs/imagenet_resnet50.yaml data.root=/data/imagenet --dry-run   # 2 steps,
+                                                        # full model, fake data (data.root must exist)
     protoclr pretrain --resume runs/NAME                # or re-run with the same train.run_name
     torchrun --nnodes=2 --nproc_per_node=8 ... -m protoclr.cli pretrain --config C.yaml trainer.devices=8 \
         trainer.num_nodes=2 trainer.strategy=ddp        # see docs/training.md (torchrun, SLURM)
@@ -32,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,9 @@ def setup_fabric(cfg: Config, run_dir: Path | None):
     accelerator = t.accelerator
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={t.accelerator}: no CUDA GPU is visible on this machine "
+                          "(torch.cuda.is_available() is False); use trainer.accelerator=auto or cpu")
     on_gpu = accelerator in ("cuda", "gpu")
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu or cpu_has_bf16() else "32-true")
     devices: Any = int(t.devices) if t.devices.isdigit() else t.devices
@@ -288,7 +293,8 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     """Train ``cfg``'s encoder; returns the run folder. Resumes when the folder already holds a checkpoint.
 
     ``dry_run``: the full model and view size on fake data, a global batch of at most 8 (so that a big config
-    fits a small machine), two steps; no run folder is kept and no database row written.
+    fits a small machine), two steps; no run folder is kept and no database row written. It reads no image but
+    checks that the data is where the config says (``data.root``, an image folder's split).
     ``on_epoch_end(encoder, metrics)``: called on rank 0 after each epoch's measurements with the online
     encoder (no DDP wrapper) and the epoch's metrics so far; the scalars it returns join the epoch record
     (``metrics.jsonl``, ``runs.db``, loggers) before the checkpoint of the epoch end is written. The Python and
@@ -298,7 +304,9 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     cfg, fabric, on_gpu, run_dir = _launch(cfg, dry_run=dry_run)
     if dry_run:
         data.check_exists(cfg.data.dataset, root=cfg.data.root or None, split=cfg.data.train_split)
-    train, test, spec = splits.load_data(cfg, fake=dry_run)
+    with warnings.catch_warnings():  # data.on_bad=skip: the run says it once, with where the list is
+        warnings.filterwarnings("ignore", message=r"skipped \d+ bad image file")
+        train, test, spec = splits.load_data(cfg, fake=dry_run)
     cfg = fit_to_data(cfg, None if dry_run else train, say=fabric.print)  # the views, the timm input size
     spec = config_view_spec(cfg.data)
     tc, W, rank = cfg.train, fabric.world_size, fabric.global_rank
@@ -331,6 +339,9 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     rec = runs.Recorder(run_dir, cfg, enabled=rank == 0 and not dry_run, loggers=fabric.loggers,
                         say=lambda line: (fabric.print(line), sys.stdout.flush()), resume_epoch=pos.epoch,
                         resume_step=pos.step if state else None, meta=_meta(W, precision, pos.step if state else None))
+
+    rec.skipped(list(dict.fromkeys([*getattr(train, "skipped", []), *getattr(test, "skipped", [])])),
+                where=cfg.data.root or cfg.data.dataset)
 
     def save() -> None:  # the state before the next step (rank 0 writes, atomically)
         if not dry_run and rank == 0:
@@ -505,10 +516,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--dry-run", action="store_true", help="build everything, run 2 steps on fake data, exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--skip-bad", action="store_true", help="leave out bad image files and list them in the run "
+                   "folder (data.on_bad=skip) instead of stopping with their list")
     return p
 
 
 def _resolve(args: argparse.Namespace) -> Config:
+    if args.skip_bad:
+        args.overrides = [*args.overrides, "data.on_bad=skip"]
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "checkpoint.pt").is_file():
