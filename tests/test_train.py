@@ -584,3 +584,35 @@ def test_skip_bad_leaves_out_a_broken_image_and_lists_it_in_the_run_folder(tmp_p
     listed = (tmp_path / "skip" / "skipped_files.txt").read_text().splitlines()
     assert len(listed) == 1 and str(broken) in listed[0]
     assert load_config(tmp_path / "skip" / "config.yaml").data.on_bad == "skip"
+
+
+MEASURED = [o for o in SMALL if not o.startswith("eval.")] + ["eval.train_images=0", "eval.test_images=0"]
+
+
+@pytest.mark.parametrize("layout", ["one_class", "no_test_split"])
+def test_accuracy_on_training_images_or_one_class_is_never_shown(layout, tmp_path, capsys, monkeypatch):
+    """A one-class folder, or one with no test split, scored 1.0 on the training images: the run now says why it
+    does not measure accuracy (one line), prints no knn_top1 / probe_top1, and evaluate refuses in one line."""
+    import shutil
+
+    from protoclr.cli import main
+
+    monkeypatch.setenv("PROTOCLR_CACHE", str(tmp_path / "cache"))
+    folder = _rgb_folder(tmp_path / "photos" / "train")
+    if layout == "one_class":  # with a test split, so that only the class count is wrong
+        shutil.rmtree(folder / "dog")
+        shutil.copytree(folder, tmp_path / "photos" / "test")
+    root = tmp_path / "photos"
+    assert main(["pretrain", "data.dataset=image_folder", f"data.root={root}", *MEASURED, f"train.out_dir={tmp_path}",
+                 "train.run_name=r"]) == 0
+    out = capsys.readouterr().out
+    assert "knn_top1" not in out and "probe_top1" not in out
+    said = [ln for ln in out.splitlines() if ln.startswith("eval: ")]
+    why = "has one class (cat)" if layout == "one_class" else "has no test split apart from the training images"
+    assert len(said) == 1 and why in said[0] and "accuracy is not measured" in said[0]
+    saved = load_config(tmp_path / "r" / "config.yaml")
+    assert (saved.eval.every, saved.eval.online_probe, saved.eval.linear) == (0, False, False)
+    assert main(["evaluate", str(tmp_path / "r"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("protoclr evaluate: ")
+    assert ("one class (cat)" if layout == "one_class" else "accuracy would be scored on the training images") in err

@@ -787,6 +787,21 @@ DATASETS: dict[str, Callable[..., LabeledImages]] = {
 }
 
 
+def same_images(name: str, *, root: str | Path | None, split_a: str, split_b: str) -> bool:
+    """Whether splits ``split_a`` and ``split_b`` of dataset ``name`` hold the same images: the same split, or an
+    image folder where one split falls back to ``root`` itself, which holds the other (a folder of class folders
+    only, or one with ``train/`` and no ``test/``). Reads no image."""
+    if split_a == split_b:
+        return True
+    if name != "image_folder" or root is None:
+        return False
+    try:
+        a, b = _resolve_folder(root, split_a).resolve(), _resolve_folder(root, split_b).resolve()
+    except DatasetNotFound:
+        return False
+    return a == b or a in b.parents or b in a.parents
+
+
 def check_exists(name: str, *, root: str | Path | None, split: str = "train") -> None:
     """Raise :class:`DatasetNotFound` when ``root`` (given) does not exist, or an image folder's split is not
     there; reads no image (``--dry-run`` trains on fake data but checks where the real data would come from)."""

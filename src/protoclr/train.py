@@ -175,6 +175,22 @@ def schedule(cfg: Config, num_images: int) -> tuple[int, int, int, torch.Tensor]
     return steps_per_epoch, total, -(-total // steps_per_epoch), lrs
 
 
+def _unmeasurable(cfg: Config, train: Any, what: str) -> str | None:
+    """Why accuracy on ``train``'s labels would mean nothing (one class; a held-out split that is the training
+    images), None when it means something or nothing is measured."""
+    d, e = cfg.data, cfg.eval
+    if not (e.every or e.online_probe or e.linear):
+        return None
+    if len(train.classes) < 2:
+        return (f"{what} has one class ({', '.join(train.classes) or 'none'}): kNN and probe accuracy would be 1.0 "
+                "whatever the encoder; put the images in one subfolder per class to measure it")
+    if data.same_images(d.dataset, root=d.root or None, split_a=d.train_split, split_b=d.test_split):
+        return (f"{what} has no {d.test_split} split apart from the training images (no {d.test_split}/ or "
+                f"{d.test_split}.zip beside {d.train_split}/): kNN and probe accuracy would be scored on the training "
+                f"images; add a held-out {d.test_split}/ folder to measure it")
+    return None
+
+
 def fit_to_data(cfg: Config, train: Any, *, say: Callable[[str], Any] = print) -> Config:
     """``cfg`` with its views fitted to the training images (``train``; None skips that: a dry run's fake data)
     and a fixed-size timm model (a ViT) built for the views' size when ``model.timm_img_size`` is 0: a copy when
@@ -191,6 +207,10 @@ def fit_to_data(cfg: Config, train: Any, *, say: Callable[[str], Any] = print) -
                                                                   chosen=chosen)
         if msg:
             say(msg)
+        if why := _unmeasurable(cfg, train, what):
+            out.eval.every, out.eval.online_probe, out.eval.linear = 0, False, False
+            say(f"eval: {why}, so accuracy is not measured (eval.every=0, eval.online_probe=false, "
+                "eval.linear=false)")
     size = config_view_spec(out.data).size
     if m.backbone.startswith(TIMM_PREFIX) and not m.timm_img_size:
         fixed = timm_input_size(m.backbone[len(TIMM_PREFIX):], patch_size=m.timm_patch_size)
