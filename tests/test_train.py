@@ -616,3 +616,25 @@ def test_accuracy_on_training_images_or_one_class_is_never_shown(layout, tmp_pat
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("protoclr evaluate: ")
     assert ("one class (cat)" if layout == "one_class" else "accuracy would be scored on the training images") in err
+
+
+def test_the_readme_train_from_python_block_runs(tmp_path, monkeypatch, capsys, fashion_mnist_dir):
+    """README's "Train from Python" block, run as written with tiny overrides appended to its load_config."""
+    import json
+
+    import protoclr.config
+
+    section = (REPO / "README.md").read_text().split("## Train from Python")[1]
+    code = section.split("```python\n")[1].split("```")[0]
+    real = protoclr.config.load_config
+    monkeypatch.setattr(protoclr.config, "load_config", lambda path=None, overrides=None: real(
+        REPO / path if path else None, [*(overrides or []), *TINY, "train.steps=4", f"train.out_dir={tmp_path}",
+                                        "trainer.loggers=[]", "eval.initial=false"]))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert "epoch 0: loss " in capsys.readouterr().out
+    run = namespace["run_dir"]
+    epochs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    (epoch,) = [r for r in epochs if r["kind"] == "epoch"]
+    assert epoch["weight_norm"] > 0 and "knn_top1" in epoch
+    assert namespace["cfg"].train.out_dir == str(tmp_path)
