@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import sqlite3
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from protoclr.cli import main
 
@@ -36,6 +39,22 @@ def _files(tmp: Path) -> dict[str, Path]:
     f["junk_db"].write_text("not a database\n" * 100)
     sqlite3.connect(f["empty_db"]).close()
     f["bad_sweep"].write_text("grid: {loss.alpha: [1, 2}\n")
+    f["empty_sweep"] = tmp / "empty_sweep.yaml"
+    f["empty_sweep"].write_text("# nothing yet\n")
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(png, format="PNG")
+    f["loose"] = tmp / "loose"  # images with no class subfolders
+    f["loose"].mkdir()
+    (f["loose"] / "a.png").write_bytes(png.getvalue())
+    f["climbing_zip"] = tmp / "climbing.zip"
+    with zipfile.ZipFile(f["climbing_zip"], "w") as z:
+        z.writestr("cat/a.png", png.getvalue())
+        z.writestr("../../etc/b.png", png.getvalue())
+    f["bad_images"] = tmp / "bad_images"
+    for c in ("cat", "dog"):
+        (f["bad_images"] / c).mkdir(parents=True)
+        (f["bad_images"] / c / "a.png").write_bytes(png.getvalue())
+    (f["bad_images"] / "dog" / "broken.png").write_bytes(png.getvalue()[:30])  # truncated
     return f
 
 
@@ -50,6 +69,21 @@ CASES = [
     ("pretrain train.epochs=two", "train.epochs: expected an integer"),
     ("pretrain loss.name=foo", "loss.name: unknown loss 'foo'; choose one of nt_xent, "),
     ("pretrain --resume {folder}", "holds no checkpoint.pt"),
+    ("pretrain data.dataset=image_folder data.root={loose}", "loose has image files outside class folders"),
+    ("pretrain data.dataset=image_folder data.root={climbing_zip}", "unsafe member name '../../etc/b.png'"),
+    ("pretrain data.dataset=image_folder data.root={bad_images}", "1 bad image file(s) in "),
+    ("pretrain data.dataset=image_folder data.root={bad_images}", "or pass on_bad='skip' (config: data.on_bad=skip; "
+     "CLI: --skip-bad)"),
+    ("pretrain data.on_bad=skip", "data.on_bad: skip leaves out bad image files; data.dataset=fashion_mnist is not"),
+    ("pretrain data.on_bad=never", "data.on_bad: must be one of error, skip"),
+    ("pretrain --dry-run data.root={missing}", "missing.yaml does not exist; point root="),
+    ("pretrain --dry-run data.dataset=image_folder data.root={missing}", "image folder not found"),
+    ("sweep {empty_sweep}", "empty_sweep.yaml is empty; a sweep file holds grid:"),
+    *([] if torch.cuda.is_available() else [
+        ("pretrain --dry-run trainer.accelerator=gpu", "trainer.accelerator=gpu: no CUDA GPU is visible")]),
+    ("pretrain --dry-run model.backbone=timm/vit_tiny_patch16_224",
+     "model.timm_img_size: timm/vit_tiny_patch16_224 takes 224-pixel input in 16-pixel patches but the views are "
+     "28 px"),
     ("evaluate {junk}", "junk.pt is not a protoclr checkpoint"),
     ("evaluate {torch_dict}", "weights.pt is a torch file but not a protoclr checkpoint"),
     ("evaluate {folder}", "no checkpoint at"),
@@ -75,6 +109,7 @@ CASES = [
 def test_user_error_is_one_line_with_status_2(line, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PROTOCLR_DEBUG", raising=False)
+    monkeypatch.setenv("PROTOCLR_CACHE", str(tmp_path / "cache"))
     files = _files(tmp_path)
     argv = [part.format(**files) for part in line.split()]
     assert main(argv) == 2

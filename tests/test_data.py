@@ -553,3 +553,16 @@ def test_fetch_fashion_mnist_downloads_when_not_root_and_explains_when_offline(t
     msg = str(e.value)
     assert "\n" not in msg and "the download failed (OSError" in msg and "apt-get install dataset-fashion-mnist" in msg
     assert str(tmp_path / "elsewhere") in msg
+
+
+def test_same_images_knows_a_folder_without_a_test_split(tmp_path):
+    flat = _tree(tmp_path / "flat", {"a": 1, "b": 1})  # class folders only: every split reads them
+    assert data.same_images("image_folder", root=flat, split_a="train", split_b="test")
+    only_train = _tree(tmp_path / "only_train" / "train", {"a": 1, "b": 1}).parent
+    assert data.same_images("image_folder", root=only_train, split_a="train", split_b="test")
+    both = tmp_path / "both"
+    _tree(both / "train", {"a": 1, "b": 1})
+    _tree(both / "test", {"a": 1, "b": 1})
+    assert not data.same_images("image_folder", root=both, split_a="train", split_b="test")
+    assert data.same_images("cifar10", root=None, split_a="train", split_b="train")
+    assert not data.same_images("cifar10", root=None, split_a="train", split_b="test")

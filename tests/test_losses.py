@@ -386,3 +386,40 @@ def test_target_and_queue_errors():
         contrastive_loss(z, alpha=1.0, queue=torch.randn(4, 2))
     with pytest.raises(ValueError, match="target has"):
         contrastive_loss(z, alpha=1.0, target=torch.full_like(z, float("nan")), check_finite=True)
+
+
+MODULES = {"nt_xent": L.NTXentLoss, "generalized_nt_xent": L.GeneralizedNTXentLoss,
+           "decoupled": L.DecoupledContrastiveLoss, "balanced": L.BalancedContrastiveLoss}
+
+
+def test_every_preset_has_a_module():
+    assert set(MODULES) == set(L.PRESETS)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_a_misspelled_keyword_fails_at_construction_naming_it_and_the_valid_ones(name):
+    cls = MODULES[name]
+    wrong, right = ("alpah", "alpha") if "alpha" in L.PRESETS[name].params else ("temprature", "temperature")
+    with pytest.raises(TypeError) as e:
+        cls(**{wrong: 2})
+    msg = str(e.value)
+    assert "\n" not in msg and f"{cls.__name__}: unknown keyword {wrong!r}; did you mean {right!r}?" in msg
+    assert "valid keywords: " in msg and "similarity" in msg
+    with pytest.raises(ValueError, match="similarity="):
+        cls(similarity="cos")
+    with pytest.raises(ValueError, match=f"{right} must be a finite number > 0"):
+        cls(**{right: -1.0})
+    with pytest.raises(TypeError):
+        cls(0.5)  # hyperparameters are keyword-only
+
+
+@pytest.mark.parametrize("name", ["generalized_nt_xent", "balanced"])
+def test_temperature_is_the_reciprocal_of_alpha_where_the_preset_takes_alpha(name):
+    cls = MODULES[name]
+    z1, z2 = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    by_alpha, by_temperature = cls(alpha=4.0, lam=2.0), cls(temperature=0.25, lam=2.0)
+    assert by_temperature.hparams["alpha"] == 4.0
+    assert torch.equal(by_alpha(z1, z2), by_temperature(z1, z2))
+    assert not torch.equal(cls(alpha=2.0, lam=2.0)(z1, z2), by_alpha(z1, z2))  # alpha reaches the loss
+    with pytest.raises(TypeError, match="alpha or temperature"):
+        cls(alpha=4.0, temperature=0.25)

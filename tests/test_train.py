@@ -519,3 +519,122 @@ def test_measuring_during_training_leaves_training_unchanged(full_run, tmp_path)
     for group in a:
         for k in a[group]:
             assert torch.equal(a[group][k], b[group][k]) and torch.equal(a[group][k], c[group][k]), f"{group}.{k}"
+
+
+def _rgb_folder(root: Path, *, n: int = 16, side: int = 40) -> Path:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            a = torch.randint(0, 256, (side, side, 3), dtype=torch.uint8, generator=g)
+            Image.fromarray(a.numpy()).save(root / c / f"{i}.png")
+    return root
+
+
+SMALL = ["train.batch_size=16", "train.steps=1", "eval.every=0", "eval.online_probe=false", "trainer.progress=false",
+         "trainer.loggers=[]", "model.convnet_widths=[8]", "model.projector_hidden_dim=16", "model.projector_dim=8",
+         "trainer.precision=32-true"]
+
+
+def test_an_rgb_image_folder_trains_and_saves_rgb_views_of_its_size(tmp_path, capsys, monkeypatch):
+    """RGB 40x40 photos with the default (grey 28 px) preset: one line says what was chosen, and the run trains
+    and saves RGB 40-pixel views, so that evaluate and export read (B, 3, 40, 40)."""
+    from protoclr.views import config_view_spec
+
+    monkeypatch.setenv("PROTOCLR_CACHE", str(tmp_path / "cache"))
+    folder = _rgb_folder(tmp_path / "photos")
+    cfg = load_config(None, ["data.dataset=image_folder", f"data.root={folder}", *SMALL, f"train.out_dir={tmp_path}",
+                             "train.run_name=rgb"])
+    run = pretrain(cfg)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data.views")]
+    assert len(lines) == 1 and f"{folder} holds RGB images of about 40 px" in lines[0]
+    assert "simclr_cifar at 40 px instead of the default simclr_small" in lines[0]
+    _, saved = load_run(run)
+    spec = config_view_spec(saved.data)
+    assert (spec.channels, spec.size) == (3, 40)
+    assert ckpt.load(run / "checkpoint.pt")["in_channels"] == 3
+    assert cfg.data.views == "simclr_small"  # the caller's config is not changed under it
+
+
+def test_a_vit_without_timm_img_size_is_built_for_the_views(tmp_path, capsys):
+    pytest.importorskip("timm")
+    assert cli_main(["--dry-run", "model.backbone=timm/vit_tiny_patch16_224", "model.timm_patch_size=4",
+                     "trainer.progress=false", "trainer.precision=32-true", "model.projector_hidden_dim=32"]) == 0
+    out = capsys.readouterr().out
+    assert "model.timm_img_size: timm/vit_tiny_patch16_224 takes 224-pixel input; built for the 28-pixel views" in out
+    assert "dry run ok" in out
+
+
+def test_skip_bad_leaves_out_a_broken_image_and_lists_it_in_the_run_folder(tmp_path, capsys, monkeypatch):
+    from protoclr.cli import main
+
+    monkeypatch.setenv("PROTOCLR_CACHE", str(tmp_path / "cache"))
+    folder = _rgb_folder(tmp_path / "photos")
+    broken = folder / "dog" / "broken.png"
+    broken.write_bytes((folder / "dog" / "0.png").read_bytes()[:40])  # truncated
+    assert main(["pretrain", "data.dataset=image_folder", f"data.root={folder}", *SMALL, f"train.out_dir={tmp_path}",
+                 "train.run_name=skip", "--skip-bad"]) == 0
+    out = capsys.readouterr()
+    said = [ln for ln in out.out.splitlines() if "bad image" in ln]
+    assert said == [f"skipped 1 bad image file(s) in {folder} (data.on_bad=skip); listed in "
+                    f"{tmp_path / 'skip' / 'skipped_files.txt'}"]
+    assert "bad image" not in out.err  # no loader warning besides the run's one line
+    listed = (tmp_path / "skip" / "skipped_files.txt").read_text().splitlines()
+    assert len(listed) == 1 and str(broken) in listed[0]
+    assert load_config(tmp_path / "skip" / "config.yaml").data.on_bad == "skip"
+
+
+MEASURED = [o for o in SMALL if not o.startswith("eval.")] + ["eval.train_images=0", "eval.test_images=0"]
+
+
+@pytest.mark.parametrize("layout", ["one_class", "no_test_split"])
+def test_accuracy_on_training_images_or_one_class_is_never_shown(layout, tmp_path, capsys, monkeypatch):
+    """A one-class folder, or one with no test split, scored 1.0 on the training images: the run now says why it
+    does not measure accuracy (one line), prints no knn_top1 / probe_top1, and evaluate refuses in one line."""
+    import shutil
+
+    from protoclr.cli import main
+
+    monkeypatch.setenv("PROTOCLR_CACHE", str(tmp_path / "cache"))
+    folder = _rgb_folder(tmp_path / "photos" / "train")
+    if layout == "one_class":  # with a test split, so that only the class count is wrong
+        shutil.rmtree(folder / "dog")
+        shutil.copytree(folder, tmp_path / "photos" / "test")
+    root = tmp_path / "photos"
+    assert main(["pretrain", "data.dataset=image_folder", f"data.root={root}", *MEASURED, f"train.out_dir={tmp_path}",
+                 "train.run_name=r"]) == 0
+    out = capsys.readouterr().out
+    assert "knn_top1" not in out and "probe_top1" not in out
+    said = [ln for ln in out.splitlines() if ln.startswith("eval: ")]
+    why = "has one class (cat)" if layout == "one_class" else "has no test split apart from the training images"
+    assert len(said) == 1 and why in said[0] and "accuracy is not measured" in said[0]
+    saved = load_config(tmp_path / "r" / "config.yaml")
+    assert (saved.eval.every, saved.eval.online_probe, saved.eval.linear) == (0, False, False)
+    assert main(["evaluate", str(tmp_path / "r"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("protoclr evaluate: ")
+    assert ("one class (cat)" if layout == "one_class" else "accuracy would be scored on the training images") in err
+
+
+def test_the_readme_train_from_python_block_runs(tmp_path, monkeypatch, capsys, fashion_mnist_dir):
+    """README's "Train from Python" block, run as written with tiny overrides appended to its load_config."""
+    import json
+
+    import protoclr.config
+
+    section = (REPO / "README.md").read_text().split("## Train from Python")[1]
+    code = section.split("```python\n")[1].split("```")[0]
+    real = protoclr.config.load_config
+    monkeypatch.setattr(protoclr.config, "load_config", lambda path=None, overrides=None: real(
+        REPO / path if path else None, [*(overrides or []), *TINY, "train.steps=4", f"train.out_dir={tmp_path}",
+                                        "trainer.loggers=[]", "eval.initial=false"]))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert "epoch 0: loss " in capsys.readouterr().out
+    run = namespace["run_dir"]
+    epochs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    (epoch,) = [r for r in epochs if r["kind"] == "epoch"]
+    assert epoch["weight_norm"] > 0 and "knn_top1" in epoch
+    assert namespace["cfg"].train.out_dir == str(tmp_path)

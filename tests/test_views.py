@@ -651,3 +651,50 @@ def test_simclr_rotation_draws_each_quarter_turn_equally_and_rotates_exactly():
         k = round(float(params.angle[v, 0]) / 90) % 4  # counter-clockwise quarter turns
         torch.testing.assert_close(out[v, 0][:, 1:-1, 1:-1], torch.rot90(ref, k, dims=(1, 2))[:, 1:-1, 1:-1],
                                    atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the data decides the views
+
+
+def _data_cfg(**kw):
+    from protoclr.config import DataConfig
+
+    return replace(DataConfig(), **kw)
+
+
+@pytest.mark.parametrize(("channels", "side", "preset", "size"), [
+    (1, 28, "simclr_small", 28),  # Fashion-MNIST: the default fits, nothing changes
+    (3, 32, "simclr_cifar", 32),  # CIFAR-like: the RGB preset at its own size
+    (3, 40, "simclr_cifar", 40),  # RGB 40 px photos: RGB views at the images' side
+    (1, 64, "simclr_small", 64),
+    (3, 500, "simclr", 224),      # photographs: SimCLR's ImageNet recipe
+])
+def test_an_unchosen_preset_follows_the_images(channels, side, preset, size):
+    d = _data_cfg()
+    name, overrides, msg = views.fit_views(d, channels=channels, side=side, what="photos", chosen=False)
+    fitted = views.config_view_spec(_data_cfg(views=name, view_overrides=overrides))
+    assert (name, fitted.size, fitted.channels) == (preset, size, channels)
+    if (channels, side) == (1, 28):
+        assert msg is None and overrides == []
+    else:  # one line saying what was chosen and which key chooses otherwise
+        assert "\n" not in msg and "photos" in msg and preset in msg and f"{size} px" in msg and "data.views" in msg
+
+
+def test_a_chosen_grey_preset_on_rgb_images_is_refused_naming_data_views():
+    from protoclr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^data\.views=simclr_small makes grey 28-pixel views but photos holds RGB"):
+        views.fit_views(_data_cfg(), channels=3, side=40, what="photos", chosen=True)
+    # a chosen RGB preset on grey images is kept (grey is repeated into RGB, nothing is lost)
+    name, _, msg = views.fit_views(_data_cfg(views="simclr_cifar"), channels=1, side=28, what="fm", chosen=True)
+    assert (name, msg) == ("simclr_cifar", None)
+
+
+def test_image_shape_reads_grey_folders_as_one_channel():
+    from protoclr.data import image_shape
+
+    rgb = torch.randint(0, 255, (5, 3, 40, 36), dtype=torch.uint8)
+    grey = rgb[:, :1].expand(-1, 3, -1, -1).contiguous()  # what an image folder of grey files decodes to
+    assert image_shape(LabeledImages(labels=torch.zeros(5), classes=["a"], images=rgb)) == (3, 36)
+    assert image_shape(LabeledImages(labels=torch.zeros(5), classes=["a"], images=grey)) == (1, 36)

@@ -18,6 +18,7 @@ import torch
 from protoclr.data import load_dataset
 from protoclr.errors import NotACheckpoint
 from protoclr.runs import load_run
+from protoclr.splits import dataset_options
 
 
 def run_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -50,7 +51,8 @@ class OpenRun:
 
     def load(self, split: str) -> Any:
         """``split`` of the dataset asked for (a ``LabeledImages``)."""
-        return load_dataset(self.dataset, split=split, root=self.root)
+        options = dataset_options(self.cfg.data) if self.own_dataset else {}  # the run's data.on_bad
+        return load_dataset(self.dataset, split=split, root=self.root, **options)
 
 
 def open_run(args: argparse.Namespace) -> OpenRun:

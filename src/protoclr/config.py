@@ -58,6 +58,10 @@ class DataConfig:
     # trains the first third at 16 px. [] = the preset's size throughout. Evaluation always uses the preset's size.
     view_sizes: list[int] = field(default_factory=list)
     num_workers: int = 0  # DataLoader processes decoding batches ahead (file-backed datasets); 0 = in the loop
+    # A bad image file (truncated, undecodable) in a dataset read from files (protoclr.data.FILE_DATASETS):
+    # error = stop before training with the list of bad files; skip = leave them out, list them in the run folder
+    # (skipped_files.txt) and say how many in one console line. CLI: --skip-bad.
+    on_bad: str = "error"
 
 
 @dataclass
@@ -255,6 +259,10 @@ class Config:
              "must list at least one stage width, each >= 1"),
             ("data.train_subset", d.train_subset >= 0, "must be >= 0"),
             ("data.num_workers", d.num_workers >= 0, "must be >= 0"),
+            ("data.on_bad", d.on_bad in data.ON_BAD, f"must be one of {', '.join(data.ON_BAD)}"),
+            ("data.on_bad", d.on_bad == "error" or d.dataset in data.FILE_DATASETS,
+             f"skip leaves out bad image files; data.dataset={d.dataset} is not read from image files (only "
+             f"{', '.join(data.FILE_DATASETS)} are)"),
             ("data.class_profile", d.class_profile in ("none", "longtail", "uniform"),
              "must be one of none, longtail, uniform"),
             ("data.longtail_profile", d.longtail_profile in ("exp", "pareto"), "must be exp or pareto"),

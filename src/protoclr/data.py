@@ -37,7 +37,7 @@ from PIL import Image
 from torch import Tensor
 
 from protoclr import atomic
-from protoclr.errors import DatasetNotFound, UnknownChoice
+from protoclr.errors import DataError, DatasetNotFound, UnknownChoice
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -59,6 +59,10 @@ _DECODE_CHUNK = 4096  # files read before a parallel decode; bounds the memory o
 _ROOT = "root= (config: data.root; CLI: --root)"
 _DOWNLOAD = "download=True (config: data.download=true; CLI: --download)"
 _SHOW_BAD = 20  # bad files listed in an error message before "... and N more"
+_SKIP_BAD = "on_bad='skip' (config: data.on_bad=skip; CLI: --skip-bad)"
+ON_BAD = ("error", "skip")  # what a bad image file does: stop the run with the list, or leave it out and list it
+# Datasets read from image files, whose loaders take on_bad (the others are decoded arrays: no file can be bad).
+FILE_DATASETS = ("image_folder", "cifar10_zip", "imagenet_lt")
 
 
 def default_data_root() -> Path:
@@ -196,6 +200,22 @@ class LabeledImages:
             return self._zip.read(member)
 
 
+def image_shape(dataset: Any, *, sample: int = 64) -> tuple[int, int]:
+    """``(channels, side)`` of a dataset's typical image: 1 when its images are grey (a 3-channel image whose three
+    channels are equal counts as grey: an image folder decodes to RGB), and the median shorter side, both from the
+    first ``sample`` images (file-backed sets decode them at their native size)."""
+    n = min(len(dataset), sample)
+    if n == 0:
+        raise DataError(f"{getattr(dataset, 'name', '') or 'the dataset'} holds no images")
+    if getattr(dataset, "images", None) is not None:
+        imgs = list(dataset.images[:n].cpu())  # [(C, H, W)]
+    else:
+        imgs = [dataset.load_image(i) for i in range(min(n, 16))]  # a few files: decoding is the slow part
+    grey = all(x.shape[0] == 1 or bool((x[0] == x[1]).all() and (x[1] == x[2]).all()) for x in imgs)
+    sides = sorted(min(int(x.shape[-2]), int(x.shape[-1])) for x in imgs)
+    return (1 if grey else int(imgs[0].shape[0])), sides[len(sides) // 2]
+
+
 def _join_source(source: str | None, member: str) -> str:
     if source is None:
         return member
@@ -291,12 +311,12 @@ def _decode_all(
     return out, bad
 
 
-def _bad_files_error(bad: list[str], what: str) -> ValueError:
+def _bad_files_error(bad: list[str], what: str) -> DataError:
     shown = "\n  ".join(bad[:_SHOW_BAD])
     more = f"\n  ... and {len(bad) - _SHOW_BAD} more" if len(bad) > _SHOW_BAD else ""
-    return ValueError(
+    return DataError(
         f"{len(bad)} bad image file(s) in {what}:\n  {shown}{more}\n"
-        "Replace or delete them, or pass on_bad='skip' (CLI: --skip-bad) to leave them out and report the count."
+        f"Replace or delete them, or pass {_SKIP_BAD} to leave them out and list them."
     )
 
 
@@ -308,7 +328,7 @@ def check_zip_member(name: str, *, archive: str | Path = "archive") -> None:
     """Refuse absolute, drive-letter or ``..`` member names (path traversal) with a ``ValueError``."""
     p = name.replace("\\", "/")
     if p.startswith("/") or (len(p) > 1 and p[1] == ":") or ".." in PurePosixPath(p).parts:
-        raise ValueError(
+        raise DataError(
             f"unsafe member name {name!r} in zip archive {archive}: absolute paths and '..' components are "
             "refused (they could point outside the dataset); rebuild the archive with relative paths."
         )
@@ -340,9 +360,9 @@ def _classes_from_members(files: list[str], source: Path) -> tuple[list[str], li
         prefix = next(iter(tops)) + "/"
     flat = [f for f, p in zip(files, parts, strict=True) if len(p) - bool(prefix) < 2]
     if flat:
-        raise ValueError(
-            f"{source} has image files outside class folders (e.g. {flat[0]!r}); an image folder must be laid out "
-            "as <root>/<class>/<image> (ImageNet layout)."
+        raise DataError(
+            f"{source} has image files outside class folders (e.g. {flat[0]!r}); an image folder is laid out as "
+            "<root>/<class>/<image>: move the images into one subfolder per class (one subfolder if unlabeled)."
         )
     class_of = [p[1] if prefix else p[0] for p in parts]
     classes = sorted(set(class_of))
@@ -397,7 +417,7 @@ def load_image_folder(
     list is kept. ``on_bad``: "error" stops with the list of bad files, "skip" leaves them out, warns with
     the count and records them in ``skipped``.
     """
-    if on_bad not in ("error", "skip"):
+    if on_bad not in ON_BAD:
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}.")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (gray) or 3 (RGB), got {channels}.")
@@ -451,7 +471,7 @@ def load_image_folder(
             if len(sizes) > 1 and auto:  # differing sizes (ImageNet-like): decode on demand instead
                 in_memory, good = False, []
             elif len(sizes) > 1:
-                raise ValueError(
+                raise DataError(
                     f"images in {source} differ in size ({len(sizes)} shapes, e.g. {sorted(sizes)[:3]}); pass "
                     "image_size=S to resize the shorter side and center-crop, or in_memory=False to decode on demand."
                 )
@@ -765,6 +785,30 @@ DATASETS: dict[str, Callable[..., LabeledImages]] = {
     "cifar10_zip": load_cifar10_zip,
     "imagenet_lt": load_imagenet_lt,
 }
+
+
+def same_images(name: str, *, root: str | Path | None, split_a: str, split_b: str) -> bool:
+    """Whether splits ``split_a`` and ``split_b`` of dataset ``name`` hold the same images: the same split, or an
+    image folder where one split falls back to ``root`` itself, which holds the other (a folder of class folders
+    only, or one with ``train/`` and no ``test/``). Reads no image."""
+    if split_a == split_b:
+        return True
+    if name != "image_folder" or root is None:
+        return False
+    try:
+        a, b = _resolve_folder(root, split_a).resolve(), _resolve_folder(root, split_b).resolve()
+    except DatasetNotFound:
+        return False
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_exists(name: str, *, root: str | Path | None, split: str = "train") -> None:
+    """Raise :class:`DatasetNotFound` when ``root`` (given) does not exist, or an image folder's split is not
+    there; reads no image (``--dry-run`` trains on fake data but checks where the real data would come from)."""
+    if name == "image_folder":
+        _resolve_folder(root, split)
+    elif root is not None and not Path(root).expanduser().exists():
+        raise DatasetNotFound(f"{root} does not exist; point {_ROOT} at the folder holding {name}")
 
 
 def load_dataset(

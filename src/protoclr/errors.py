@@ -24,6 +24,11 @@ class DatasetNotFound(UserError, FileNotFoundError):
     """A dataset that is neither on disk nor obtainable here."""
 
 
+class DataError(UserError, ValueError):
+    """A dataset that is there but cannot be used as it is: bad image files, a layout without class folders, an
+    archive member that climbs out of its folder (the message names the file and what to do)."""
+
+
 class NotACheckpoint(UserError):
     """A file or folder given as a run or checkpoint that is not one protoclr wrote."""
 
@@ -36,5 +41,5 @@ class MissingExtra(UserError, ImportError):
     """An optional package a feature needs is not installed (the message names the ``protoclr[extra]``)."""
 
 
-__all__ = ["ConfigError", "DatasetNotFound", "MissingExtra", "NotACheckpoint", "NotADatabase", "UnknownChoice",
-           "UserError"]
+__all__ = ["ConfigError", "DataError", "DatasetNotFound", "MissingExtra", "NotACheckpoint", "NotADatabase",
+           "UnknownChoice", "UserError"]

@@ -22,6 +22,7 @@ import torch
 from protoclr import atomic, splits
 from protoclr import measure as M
 from protoclr.commands import open_run, run_parser
+from protoclr.data import same_images
 from protoclr.errors import UserError
 from protoclr.evaluate import feature_cache_path
 from protoclr.runs import record_final_metrics
@@ -63,8 +64,16 @@ def cli_main(argv: list[str]) -> int:
     do_knn = args.knn or not args.linear
     run = open_run(args)
     d, name = run.cfg.data, run.dataset
+    what = run.root if name == "image_folder" and run.root else name
+    if same_images(name, root=run.root, split_a=d.train_split, split_b=d.test_split):
+        raise UserError(f"{what} has no {d.test_split} split apart from the training images (no {d.test_split}/ or "
+                        f"{d.test_split}.zip beside {d.train_split}/), so accuracy would be scored on the training "
+                        f"images; add a held-out {d.test_split}/ folder, or pass --dataset / --root of a labeled set")
     full_train = run.load(d.train_split)
     test = run.load(d.test_split)
+    if len(test.classes) < 2:
+        raise UserError(f"{what} has one class ({', '.join(test.classes)}): kNN and linear accuracy would be 100% "
+                        "whatever the encoder; evaluate on a labeled set with --dataset / --root")
     train = splits.draw(full_train, args.train_subset, seed=splits.EVAL_FIT)
     spec = config_view_spec(d)
     num_classes = len(test.classes)

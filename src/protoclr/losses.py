@@ -20,6 +20,7 @@ otherwise its backward recomputes the tiles.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,11 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
 def _positive_number(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _non_negative_number(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _check_views(z: torch.Tensor) -> None:
@@ -287,8 +293,7 @@ def contrastive_loss(
     _check_views(z)
     _positive_number("alpha", alpha)
     _positive_number("nu", nu)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    _non_negative_number("lam", lam)
     _choice("negatives", negatives, NEGATIVES)
     _choice("positive", positive, POSITIVES)
     _choice("scale", scale, SCALES)
@@ -458,45 +463,128 @@ def balanced_contrastive_loss(
     return contrastive_loss(z, **preset_options("balanced", alpha=alpha, lam=lam, nu=nu), **kwargs)
 
 
-class _ViewsLoss(nn.Module):
-    """A thin module over a preset: holds the hyperparameters; ``forward(*views)`` takes V tensors (B, D)."""
+# contrastive_loss's keywords a module may fix besides its preset's hyperparameters (target and queue are per call)
+MODULE_OPTIONS = ("positive", "similarity", "reduction", "chunk_size", "gather", "check_finite")
 
-    def __init__(self, fn, hparams: dict, options: dict) -> None:
+
+def _alpha(module: nn.Module, alpha: float | None, temperature: float | None) -> float:
+    """The alpha a module of an alpha preset was given: ``alpha``, else 2.0 (``temperature`` then replaces it)."""
+    if alpha is not None and temperature is not None:
+        raise TypeError(f"{type(module).__name__}: pass alpha or temperature (= 1 / alpha), not both")
+    return 2.0 if alpha is None else alpha
+
+
+class _ViewsLoss(nn.Module):
+    """A thin module over a preset: holds the hyperparameters; ``forward(*views)`` takes V tensors (B, D).
+
+    Every keyword is checked at construction (an unknown name is a ``TypeError`` naming it and the valid ones; a
+    bad value a ``ValueError``), so a typo fails where it is written, not at the first forward."""
+
+    preset: str = ""
+
+    def __init__(self, fn, hparams: dict[str, float], options: dict[str, Any], *,
+                 temperature: float | None = None) -> None:
         super().__init__()
+        name = type(self).__name__
+        takes_alpha = "alpha" in hparams
+        valid = [*hparams, *(["temperature"] if takes_alpha else []), *MODULE_OPTIONS]
+        for key in options:
+            if key not in MODULE_OPTIONS:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise TypeError(f"{name}: unknown keyword {key!r}; {hint}valid keywords: {', '.join(valid)}")
+        if temperature is not None:  # the temperature of the NT-Xent papers: alpha = 1 / temperature
+            _positive_number("temperature", temperature)
+            hparams = {**hparams, "alpha": 1.0 / temperature}
+        preset_options(self.preset, **hparams)  # the hyperparameters' values, checked now
+        for key, table in (("positive", POSITIVES), ("similarity", SIMILARITIES), ("reduction", REDUCTIONS)):
+            if key in options:
+                _choice(key, options[key], table)
+        if "alpha" in hparams:
+            _positive_number("alpha", hparams["alpha"])
+        if "lam" in hparams:
+            _non_negative_number("lam", hparams["lam"])
+        if "nu" in hparams:
+            _positive_number("nu", hparams["nu"])
         self._fn, self.hparams, self.options = fn, hparams, options
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
 
     def forward(self, *views: torch.Tensor) -> torch.Tensor:
+        """``views``: V >= 2 tensors ``(B, D)``, row ``i`` of each from image ``i``; returns the loss (a scalar, or
+        ``(V*B,)`` with ``reduction="none"``)."""
         if len(views) < 2:
             raise ValueError(f"{type(self).__name__} takes V >= 2 view tensors of shape (B, D); got {len(views)}")
         shapes = {tuple(v.shape) for v in views}
         if len(shapes) != 1:
             raise ValueError(f"all views must have the same shape (B, D); got {sorted(shapes)}")
-        return self._fn(torch.stack(views), **self.hparams, **self.options)
+        return self._fn(torch.stack(views), **self.hparams, **self.options)  # (V, B, D)
 
 
 class NTXentLoss(_ViewsLoss):
-    def __init__(self, temperature: float = 0.5, **options) -> None:
-        _positive_number("temperature", temperature)
+    """SimCLR's NT-Xent / InfoNCE (Chen et al. 2020, eq. 1), for views ``(B, D)`` each:
+
+        l_{a,p} = -s(a, p) / tau + log sum_{b != a} exp(s(a, b) / tau)
+
+    every other row of the ``V*B`` stack a candidate, the positive included; cosine ``s``; the mean over anchors
+    and positives. ``temperature`` tau > 0 (alpha = 1 / tau in docs/losses.md). Keywords: ``temperature`` and
+    the options of :data:`MODULE_OPTIONS` (``similarity``, ``reduction``, ...)."""
+
+    preset = "nt_xent"
+
+    def __init__(self, *, temperature: float = 0.5, **options: Any) -> None:
         super().__init__(nt_xent_loss, {"temperature": temperature}, options)
 
 
 class GeneralizedNTXentLoss(_ViewsLoss):
-    def __init__(self, alpha: float = 2.0, lam: float = 1.0, **options) -> None:
-        super().__init__(generalized_nt_xent_loss, {"alpha": alpha, "lam": lam}, options)
+    """NT-Xent with the repulsion weighted by ``lam`` (docs/losses.md, eq. 2 with nu = 1), views ``(B, D)``:
+
+        l_{a,p} = -alpha * s(a, p) + lam * log sum_{b != a} exp(alpha * s(a, b))
+
+    ``alpha`` > 0 (inverse temperature; or ``temperature`` = 1 / alpha), ``lam`` >= 0; no scale."""
+
+    preset = "generalized_nt_xent"
+
+    def __init__(self, *, alpha: float | None = None, lam: float = 1.0, temperature: float | None = None,
+                 **options: Any) -> None:
+        super().__init__(generalized_nt_xent_loss, {"alpha": _alpha(self, alpha, temperature), "lam": lam}, options,
+                         temperature=temperature)
 
 
 class DecoupledContrastiveLoss(_ViewsLoss):
-    def __init__(self, temperature: float = 0.1, **options) -> None:
-        _positive_number("temperature", temperature)
+    """Decoupled contrastive loss (Yeh et al. 2022, eq. 6), views ``(B, D)``: NT-Xent with every positive of the
+    anchor out of the denominator,
+
+        l_{a,p} = -s(a, p) / tau + log sum_{b not a positive of a} exp(s(a, b) / tau)
+
+    ``temperature`` tau > 0."""
+
+    preset = "decoupled"
+
+    def __init__(self, *, temperature: float = 0.1, **options: Any) -> None:
         super().__init__(decoupled_contrastive_loss, {"temperature": temperature}, options)
 
 
 class BalancedContrastiveLoss(_ViewsLoss):
-    def __init__(self, alpha: float = 2.0, lam: float = 1.0, nu: float = 1.0, **options) -> None:
-        super().__init__(balanced_contrastive_loss, {"alpha": alpha, "lam": lam, "nu": nu}, options)
+    """The balanced contrastive loss derived from the supervised prototype objective (docs/losses.md, eq. 2),
+    views ``(B, D)``:
+
+        l_{a,p} = (1 / alpha) * [ -alpha * s(a, p) + (lam / nu) * log sum_{b in view(p)} exp(alpha * s(a, b)) ]
+
+    the candidates are the ``B`` rows of the positive's view (positive included); cosine ``s``. ``alpha`` > 0
+    (inverse temperature; or ``temperature`` = 1 / alpha), ``lam`` >= 0 and ``nu`` > 0 weigh repulsion against
+    attraction.
+
+        BalancedContrastiveLoss(alpha=4.0, lam=2.0)(z1, z2)        # z1, z2: (B, D)
+    """
+
+    preset = "balanced"
+
+    def __init__(self, *, alpha: float | None = None, lam: float = 1.0, nu: float = 1.0,
+                 temperature: float | None = None, **options: Any) -> None:
+        super().__init__(balanced_contrastive_loss, {"alpha": _alpha(self, alpha, temperature), "lam": lam, "nu": nu},
+                         options, temperature=temperature)
 
 
 # ----------------------------------------------------------------------------------------------------------

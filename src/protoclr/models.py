@@ -122,6 +122,23 @@ def timm_backbone(name: str, *, in_channels: int, img_size: int = 0, patch_size:
                          f"{'them' if len(options) > 1 else 'it'} to 0") from None
 
 
+def timm_input_size(name: str, *, patch_size: int = 0) -> tuple[int, int] | None:
+    """``(img_size, patch_size)`` of a timm model that only takes inputs of one size (a ViT's strict patch
+    embedding, built with ``patch_size`` when given), None for one that takes any size (a CNN). The model is built
+    on the meta device: no memory, no weights, no forward pass."""
+    timm = extras.require("timm", why=f"model.backbone={TIMM_PREFIX}{name}")
+    options = {"patch_size": patch_size} if patch_size else {}
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=0, **options)
+    except TypeError:  # no patch_size: not a ViT
+        return None
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or not getattr(embed, "strict_img_size", False):
+        return None
+    return int(embed.img_size[0]), int(embed.patch_size[0])
+
+
 def check_backbone(name: str) -> None:
     """Raise :class:`~protoclr.errors.ConfigError` naming ``model.backbone`` (with the closest known name) for a
     backbone that is neither in :data:`BACKBONES` nor a timm model (``timm/<name>``, checked with

@@ -39,6 +39,7 @@ from protoclr.config import ConfigError, config_from_dict
 from protoclr.errors import NotACheckpoint, NotADatabase
 from protoclr.models import build_encoder
 
+SKIPPED = "skipped_files.txt"  # in a run folder: the bad image files data.on_bad=skip left out, one per line
 STATUSES = ("running", "finished", "diverged", "failed", "interrupted")
 
 
@@ -149,6 +150,16 @@ class Recorder:
                 logger.log_hyperparams(params)
             except NotImplementedError:  # Lightning's CSV logger takes none; config.yaml holds them
                 pass
+
+    def skipped(self, files: Sequence[str], *, where: str) -> None:
+        """Bad image files left out of the run (``data.on_bad=skip``): listed one per line in ``SKIPPED``, and
+        counted in one console line that names that file. Runs on every process; only the writer writes."""
+        if not files:
+            return
+        listing = self.run_dir / SKIPPED
+        if self.enabled:
+            atomic.write_text(listing, "".join(f"{f}\n" for f in files))
+        self.say(f"skipped {len(files)} bad image file(s) in {where} (data.on_bad=skip); listed in {listing}")
 
     def log_dict(self, metrics: dict[str, Any], *, step: int) -> None:
         """Scalars to every logger (the trackers show the last value of each key as the run's summary)."""

@@ -237,6 +237,12 @@ class FakeImages:
         return self.images[indices]
 
 
+def dataset_options(d: Any) -> dict[str, Any]:
+    """The loader options a data config ``d`` asks for beyond name, split and root (``data.on_bad``: only the
+    datasets read from image files take it, and only a non-default value is passed)."""
+    return {"on_bad": d.on_bad} if d.on_bad != "error" else {}
+
+
 def load_data(cfg: Any, *, fake: bool = False, class_profile: bool = True) -> tuple[Any, Any, Any]:
     """``(train, test, spec)``: the training split (``data.train_subset``, then ``data.class_profile``), the
     held-out split and the global view spec. ``class_profile=False`` stops before the profile (the split the
@@ -248,8 +254,9 @@ def load_data(cfg: Any, *, fake: bool = False, class_profile: bool = True) -> tu
         shape = (spec.channels, spec.size, spec.size)
         return FakeImages(2 * cfg.train.batch_size, shape, 10, seed=1), FakeImages(64, shape, 10, seed=2), spec
     root = d.root or None
-    train = load_dataset(d.dataset, split=d.train_split, root=root, download=d.download)
-    test = load_dataset(d.dataset, split=d.test_split, root=root, download=d.download)
+    options = dataset_options(d)
+    train = load_dataset(d.dataset, split=d.train_split, root=root, download=d.download, **options)
+    test = load_dataset(d.dataset, split=d.test_split, root=root, download=d.download, **options)
     if d.train_subset and d.train_subset < len(train):
         train = train.subset(permutation(len(train), cfg.train.seed + TRAIN_SUBSET)[: d.train_subset].sort().values)
     return (class_profiled(train, d, seed=cfg.train.seed) if class_profile else train), test, spec
@@ -312,6 +319,7 @@ __all__ = [
     "balanced_draw",
     "class_groups",
     "class_profiled",
+    "dataset_options",
     "draw",
     "draw_indices",
     "epoch_batches",

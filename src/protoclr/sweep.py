@@ -292,7 +292,8 @@ def execute_run(db_path: Path, rid: str) -> str:
         except TrainingDiverged as e:
             diverged, run_dir = True, e.run_dir
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        encoder, _ = load_run(run_dir, map_location=device)  # the last good checkpoint when diverged
+        # the last good checkpoint when diverged; its config is the run's, with the views fitted to the data
+        encoder, cfg = load_run(run_dir, map_location=device)
         split, test, spec = splits.load_data(cfg, class_profile=False)
         fit_sets = {"": splits.probe_fit_set(split, cfg)}
         if cfg.data.class_profile != "none":  # the same probes fitted on the (imbalanced) pretraining set, for contrast
@@ -368,6 +369,9 @@ def build_sweep(args: argparse.Namespace) -> Sweep:
         raw = read_yaml(path)
     except ConfigError as e:
         raise SweepError(str(e)) from None
+    if not raw:  # an empty file (or only comments) would be one run of the defaults, which nobody means
+        raise SweepError(f"{path} is empty; a sweep file holds grid: (with base:, seeds:, overrides:) and a base "
+                         "config its sections (docs/experiments.md)")
     is_sweep_file = isinstance(raw, dict) and "grid" in raw
     sweep = load_sweep_file(path) if is_sweep_file else Sweep(name=path.stem, base=path.resolve(), grid={}, seeds=1)
     grid = dict(sweep.grid)

@@ -2,7 +2,8 @@
 
     protoclr pretrain                                   # CPU default: Fashion-MNIST, convnet, balanced loss
     protoclr pretrain --config configs/cpu_cifar10.yaml # the CPU recipe on the CIFAR-10 copy
-    protoclr pretrain --config configs/imagenet_resnet50.yaml --dry-run   # 2 steps, full model, fake data
+    protoclr pretrain --config configs/imagenet_resnet50.yaml data.root=/data/imagenet --dry-run   # 2 steps,
+                                                        # full model, fake data (data.root must exist)
     protoclr pretrain --resume runs/NAME                # or re-run with the same train.run_name
     torchrun --nnodes=2 --nproc_per_node=8 ... -m protoclr.cli pretrain --config C.yaml trainer.devices=8 \
         trainer.num_nodes=2 trainer.strategy=ddp        # see docs/training.md (torchrun, SLURM)
@@ -32,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,17 +43,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import protoclr
-from protoclr import checkpoint, runs, splits
-from protoclr.config import Config, ConfigError, load_config
+from protoclr import checkpoint, data, runs, splits
+from protoclr.config import Config, ConfigError, DataConfig, load_config
 from protoclr.distributed import all_gather_no_grad
 from protoclr.loggers import LOGGERS
 from protoclr.losses import config_options, contrastive_loss, supervised_prototype_loss
 from protoclr.measure import Monitor
-from protoclr.models import Encoder, build_encoder
+from protoclr.models import TIMM_PREFIX, Encoder, build_encoder, timm_input_size
 from protoclr.optim import LARS, build_optimizer
 from protoclr.precision import cpu_has_bf16, resolve_precision
 from protoclr.targets import TargetBranch
-from protoclr.views import train_views
+from protoclr.views import config_view_spec, fit_views, train_views
 
 # ----------------------------------------------------------------------------------------------------------
 # schedule
@@ -81,6 +83,9 @@ def setup_fabric(cfg: Config, run_dir: Path | None):
     accelerator = t.accelerator
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={t.accelerator}: no CUDA GPU is visible on this machine "
+                          "(torch.cuda.is_available() is False); use trainer.accelerator=auto or cpu")
     on_gpu = accelerator in ("cuda", "gpu")
     precision = resolve_precision(t.precision, "cuda" if on_gpu else "cpu")
     devices: Any = int(t.devices) if t.devices.isdigit() else t.devices
@@ -159,6 +164,58 @@ def schedule(cfg: Config, num_images: int) -> tuple[int, int, int, torch.Tensor]
     lrs = lr_schedule(peak=cfg.lr(), total_steps=total, final=cfg.optim.final_lr_ratio * cfg.lr(),
                       warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch))
     return steps_per_epoch, total, -(-total // steps_per_epoch), lrs
+
+
+def _unmeasurable(cfg: Config, train: Any, what: str) -> str | None:
+    """Why accuracy on ``train``'s labels would mean nothing (one class; a held-out split that is the training
+    images), None when it means something or nothing is measured."""
+    d, e = cfg.data, cfg.eval
+    if not (e.every or e.online_probe or e.linear):
+        return None
+    if len(train.classes) < 2:
+        return (f"{what} has one class ({', '.join(train.classes) or 'none'}): kNN and probe accuracy would be 1.0 "
+                "whatever the encoder; put the images in one subfolder per class to measure it")
+    if data.same_images(d.dataset, root=d.root or None, split_a=d.train_split, split_b=d.test_split):
+        return (f"{what} has no {d.test_split} split apart from the training images (no {d.test_split}/ or "
+                f"{d.test_split}.zip beside {d.train_split}/): kNN and probe accuracy would be scored on the training "
+                f"images; add a held-out {d.test_split}/ folder to measure it")
+    return None
+
+
+def fit_to_data(cfg: Config, train: Any, *, say: Callable[[str], Any] = print) -> Config:
+    """``cfg`` with its views fitted to the training images (``train``; None skips that: a dry run's fake data)
+    and a fixed-size timm model (a ViT) built for the views' size when ``model.timm_img_size`` is 0: a copy when
+    anything changes, each change said in one line by ``say``. A preset the user chose that would turn RGB images
+    grey, and views whose side is not a multiple of the ViT's patch, raise a ConfigError naming the keys
+    (protoclr.views.fit_views). The result is the config the run saves, so evaluation and export see the same."""
+    d, m = cfg.data, cfg.model
+    out = copy.deepcopy(cfg)
+    if train is not None:
+        channels, side = data.image_shape(train)
+        what = d.root if d.dataset == "image_folder" and d.root else d.dataset
+        chosen = d.views != DataConfig().views or any(o.replace(" ", "").startswith("size=") for o in d.view_overrides)
+        out.data.views, out.data.view_overrides, msg = fit_views(d, channels=channels, side=side, what=what,
+                                                                  chosen=chosen)
+        if msg:
+            say(msg)
+        if why := _unmeasurable(cfg, train, what):
+            out.eval.every, out.eval.online_probe, out.eval.linear = 0, False, False
+            say(f"eval: {why}, so accuracy is not measured (eval.every=0, eval.online_probe=false, "
+                "eval.linear=false)")
+    size = config_view_spec(out.data).size
+    if m.backbone.startswith(TIMM_PREFIX) and not m.timm_img_size:
+        fixed = timm_input_size(m.backbone[len(TIMM_PREFIX):], patch_size=m.timm_patch_size)
+        if fixed is not None and fixed[0] != size:
+            img, patch = fixed
+            if size % patch:
+                fits = min((p for p in range(1, size) if size % p == 0), key=lambda p: abs(p - size / 8))  # ~8x8
+                raise ConfigError(f"model.timm_img_size: {m.backbone} takes {img}-pixel input in {patch}-pixel "
+                                  f"patches but the views are {size} px (data.views={out.data.views}), not a multiple "
+                                  f"of {patch}; set model.timm_img_size={size} model.timm_patch_size={fits}")
+            out.model.timm_img_size = size
+            say(f"model.timm_img_size: {m.backbone} takes {img}-pixel input; built for the {size}-pixel views "
+                f"instead ({size // patch}x{size // patch} patches of {patch} px; model.timm_patch_size changes that)")
+    return cfg if out.to_dict() == cfg.to_dict() else out.validate()
 
 
 def _isolated(hook: Callable[[Encoder, dict[str, Any]], dict[str, Any] | None], encoder: Encoder,
@@ -247,7 +304,8 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     """Train ``cfg``'s encoder; returns the run folder. Resumes when the folder already holds a checkpoint.
 
     ``dry_run``: the full model and view size on fake data, a global batch of at most 8 (so that a big config
-    fits a small machine), two steps; no run folder is kept and no database row written.
+    fits a small machine), two steps; no run folder is kept and no database row written. It reads no image but
+    checks that the data is where the config says (``data.root``, an image folder's split).
     ``on_epoch_end(encoder, metrics)``: called on rank 0 after each epoch's measurements with the online
     encoder (no DDP wrapper) and the epoch's metrics so far; the scalars it returns join the epoch record
     (``metrics.jsonl``, ``runs.db``, loggers) before the checkpoint of the epoch end is written. The Python and
@@ -255,12 +313,18 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     Raises :class:`TrainingDiverged` when a non-finite loss or gradient stops the run.
     """
     cfg, fabric, on_gpu, run_dir = _launch(cfg, dry_run=dry_run)
+    if dry_run:
+        data.check_exists(cfg.data.dataset, root=cfg.data.root or None, split=cfg.data.train_split)
+    with warnings.catch_warnings():  # data.on_bad=skip: the run says it once, with where the list is
+        warnings.filterwarnings("ignore", message=r"skipped \d+ bad image file")
+        train, test, spec = splits.load_data(cfg, fake=dry_run)
+    cfg = fit_to_data(cfg, None if dry_run else train, say=fabric.print)  # the views, the timm input size
+    spec = config_view_spec(cfg.data)
     tc, W, rank = cfg.train, fabric.world_size, fabric.global_rank
     ckpt_file = run_dir / "checkpoint.pt"
     state = checkpoint.load(ckpt_file) if ckpt_file.is_file() and not dry_run else None
     if state is not None:
         runs.check_resumable(state["config"], cfg.to_dict())
-    train, test, spec = splits.load_data(cfg, fake=dry_run)
     B, Bl = tc.batch_size, tc.batch_size // W
     steps_per_epoch, total_steps, num_epochs, lrs = schedule(cfg, len(train))
     tv = train_views(cfg.data)  # global views (resized over training by data.view_sizes) and local views
@@ -286,6 +350,9 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     rec = runs.Recorder(run_dir, cfg, enabled=rank == 0 and not dry_run, loggers=fabric.loggers,
                         say=lambda line: (fabric.print(line), sys.stdout.flush()), resume_epoch=pos.epoch,
                         resume_step=pos.step if state else None, meta=_meta(W, precision, pos.step if state else None))
+
+    rec.skipped(list(dict.fromkeys([*getattr(train, "skipped", []), *getattr(test, "skipped", [])])),
+                where=cfg.data.root or cfg.data.dataset)
 
     def save() -> None:  # the state before the next step (rank 0 writes, atomically)
         if not dry_run and rank == 0:
@@ -460,10 +527,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--dry-run", action="store_true", help="build everything, run 2 steps on fake data, exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--skip-bad", action="store_true", help="leave out bad image files and list them in the run "
+                   "folder (data.on_bad=skip) instead of stopping with their list")
     return p
 
 
 def _resolve(args: argparse.Namespace) -> Config:
+    if args.skip_bad:
+        args.overrides = [*args.overrides, "data.on_bad=skip"]
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "checkpoint.pt").is_file():

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from protoclr import data
-from protoclr.errors import UserError
+from protoclr.errors import ConfigError, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -217,6 +217,38 @@ def config_view_spec(d: Any) -> ViewSpec:
     """The global view spec of a data config ``d`` (``protoclr.config.DataConfig``): its preset, then its
     modifiers, then its ``view_overrides``."""
     return view_spec(d.views, list(d.view_modifiers), **parse_overrides(d.view_overrides))
+
+
+def preset_for_images(channels: int, side: int) -> tuple[str, int]:
+    """``(preset, view side)`` for images of ``channels`` and typical shorter ``side``: grey images take
+    simclr_small, RGB images up to 64 px simclr_cifar, larger ones simclr; the views keep the images' side, up to
+    224 px (SimCLR's)."""
+    name = "simclr_small" if channels == 1 else "simclr_cifar" if side <= 64 else "simclr"
+    return name, min(side, 224)
+
+
+def fit_views(d: Any, *, channels: int, side: int, what: str, chosen: bool) -> tuple[str, list[str], str | None]:
+    """``(preset, view_overrides, message)``: the views of a data config ``d`` fitted to images of ``channels``
+    and typical ``side`` (``what`` names them). A preset the user did not choose (``chosen=False``) is replaced by
+    :func:`preset_for_images`' and the message says so (None when it already fits); a chosen preset that would
+    turn RGB images grey is refused with a :class:`ConfigError` naming ``data.views``."""
+    spec = config_view_spec(d)
+    kind = {1: "grey", 3: "RGB"}.get(channels, f"{channels}-channel")
+    have = f"{'grey' if spec.channels == 1 else 'RGB'} {spec.size}-pixel views"
+    name, size = preset_for_images(channels, side)
+    if chosen:
+        if spec.channels == 1 and channels == 3:
+            hint = "" if size == PRESETS[name].size else f" with data.view_overrides=[size={size}]"
+            raise ConfigError(f"data.views={d.views} makes {have} but {what} holds RGB images of about {side} px; "
+                              f"set data.views={name}{hint}, or leave data.views unset to choose by the images")
+        return d.views, list(d.view_overrides), None
+    if name == d.views and size == spec.size:
+        return d.views, list(d.view_overrides), None
+    overrides = [o for o in d.view_overrides if not o.replace(" ", "").startswith("size=")]
+    overrides += [f"size={size}"] if size != PRESETS[name].size else []
+    msg = (f"data.views: {what} holds {kind} images of about {side} px, so the views are {name} at {size} px "
+           f"instead of the default {d.views} ({have}); set data.views to choose another")
+    return name, overrides, msg
 
 
 def train_views(d: Any) -> TrainViews:
