@@ -82,6 +82,32 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def measurement_share(out: Path) -> list[tuple[str, float, float]]:
+    """``(run id, wall seconds, training seconds)`` of every finished run of a sweep folder ``out`` (its runs.db
+    and run folders): wall is the run's row from creation to its last update (final probes included); training is
+    the sum over step records of steps x batch / the images per second logged for them. The rest is measurement
+    (step-0, per-epoch and final) and start-up."""
+    import json
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{out / 'runs.db'}?mode=ro", uri=True)
+    rows = []
+    for rid, status, created, updated, config in con.execute(
+            "SELECT run_id, status, created, updated, config FROM runs ORDER BY created"):
+        log = out / rid / "metrics.jsonl"
+        if status != "finished" or not log.is_file():
+            continue
+        batch, prev, train = json.loads(config)["train"]["batch_size"], 0, 0.0
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            if r["kind"] == "step" and r.get("img_per_s"):
+                train += (r["step"] - prev) * batch / r["img_per_s"]
+                prev = r["step"]
+        rows.append((rid, updated - created, train))
+    con.close()
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-images", type=int, default=10_000, help="0 = all 60,000")
@@ -91,7 +117,18 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=6, help="timed forward + backward steps (after 2 warm-up)")
     p.add_argument("--skip-old", action="store_true", help="leave out the previous probe (six slow fits)")
     p.add_argument("--skip-sklearn", action="store_true")
+    p.add_argument("--study", metavar="OUT", help="also: the share of each finished run's wall time spent outside "
+                   "training steps, for a sweep folder (e.g. runs/study of docs/results/cpu/run_plan.sh)")
     args = p.parse_args()
+    if args.study:
+        rows = measurement_share(Path(args.study))
+        for rid, wall, train in rows:
+            print(f"  study  {rid}: {wall:.0f} s, training {train:.0f} s, measurement and start-up "
+                  f"{100 * (wall - train) / wall:.1f}%")
+        if rows:
+            wall, train = sum(r[1] for r in rows), sum(r[2] for r in rows)
+            print(f"    all {len(rows)} runs: measurement and start-up {100 * (wall - train) / wall:.1f}% of their "
+                  "wall time (target <= 15%)")
     overrides = [*RECIPE, *([f"data.root={args.root}"] if args.root else [])]
     cfg = load_config(None, overrides)
     train, test, spec = splits.load_data(cfg)

@@ -96,3 +96,30 @@ def test_eval_speed_runs_every_stage_and_prints_the_ratios(tmp_path):
     for line in ("forward + backward", "now / before", "float64 on the same features", "probe / one sklearn fit",
                  "probe / previous"):
         assert line in out, out
+
+
+def test_measurement_share_reads_wall_from_the_db_and_training_from_the_step_records(tmp_path):
+    """Two runs: one finished (wall 100 s; steps 10 and 20 at 256 images / 64 img/s and 128 img/s: 40 + 20 s of
+    training), one still running (left out)."""
+    from eval_speed import measurement_share
+
+    from protoclr.config import Config
+    from protoclr.runs import ResultsDB
+
+    db = ResultsDB(tmp_path / "runs.db")
+    cfg = Config()
+    cfg.train.batch_size = 256
+    for rid in ("done", "busy"):
+        db.start_run(rid, config=cfg.to_dict(), run_dir=tmp_path / rid)
+        (tmp_path / rid).mkdir()
+        (tmp_path / rid / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+            {"kind": "step", "step": 10, "img_per_s": 64.0}, {"kind": "epoch", "epoch": 0, "step": 10},
+            {"kind": "step", "step": 20, "img_per_s": 128.0})) + "\n")
+    db.finish_run("done", "finished", {})
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "runs.db")
+    con.execute("UPDATE runs SET created = 1000, updated = 1100 WHERE run_id = 'done'")
+    con.commit()
+    con.close()
+    assert measurement_share(tmp_path) == [("done", 100.0, pytest.approx(10 * 256 / 64 + 10 * 256 / 128))]
