@@ -250,7 +250,7 @@ SHORT = ["train.epochs=1", "eval.every=0", "eval.online_probe=false", "trainer.l
 def _noisy_steps(monkeypatch) -> None:
     """Every step reads the global torch RNG (as dropout or noise in the views would): the loss gains a random
     term, so a resumed run matches only if the global RNG resumes exactly where the interrupted run left it."""
-    import protoclr.train as T
+    import protoclr.targets as T
 
     def noisy(loss):
         def wrapped(z, *args, **kw):
@@ -437,7 +437,7 @@ def test_train_steps_spans_the_schedule_and_ends_in_a_cut_epoch(tmp_path, fashio
 
 def test_local_views_progressive_sizes_and_bf16_reach_the_encoder_and_loss(tmp_path, fashion_mnist_dir,
                                                                           monkeypatch):
-    import protoclr.train as T
+    import protoclr.targets as T
     from protoclr.models import Encoder
 
     seen_x, seen_z = [], []
