@@ -4,6 +4,7 @@ enough to read top to bottom, torch.distributed touched by one module."""
 from __future__ import annotations
 
 import ast
+import textwrap
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "protoclr"
@@ -93,8 +94,17 @@ def _depth(stmts: list[ast.stmt]) -> int:
 
 
 def test_depth_counts_compound_statements():
-    code = "try:\n    for a in b:\n        if c:\n            pass\n        elif d:\n            while e:\n                pass\n" \
-           "except E:\n    pass\n"
+    code = textwrap.dedent("""
+        try:
+            for a in b:
+                if c:
+                    pass
+                elif d:
+                    while e:
+                        pass
+        except E:
+            pass
+        """)
     assert _depth(ast.parse(code).body) == 4
     assert _depth(ast.parse("x = 1\ndef f():\n    with g:\n        return 2\n").body) == 2
 
@@ -121,3 +131,21 @@ def test_metric_keys_are_spelled_in_measure_only():
     assert not spelled, spelled
     assert any(s in (SRC / "measure.py").read_text() for s in METRIC_KEY_SPELLINGS)  # the rule reads the owner
 
+
+# The run folder's layout belongs to protoclr.runs (RunDir, and the results database's file name): no other module
+# spells a run file's name in code (a string literal equal to it or ending in "/<name>"); docstrings, help and
+# messages that mention a file by name are prose, not paths.
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "meta.json", "config.yaml", "runs.db")
+
+
+def _spelled_run_files(module: str) -> list[str]:
+    tree = ast.parse((SRC / f"{module}.py").read_text())
+    return [f"{module}.py:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            for name in RUN_FILES if node.value == name or node.value.endswith("/" + name)]
+
+
+def test_run_file_names_are_spelled_in_runs_only():
+    spelled = [s for m in MODULES if m != "runs" for s in _spelled_run_files(m)]
+    assert not spelled, spelled
+    assert len(_spelled_run_files("runs")) == len(RUN_FILES)  # the rule reads the owner, each name once

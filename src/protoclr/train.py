@@ -271,7 +271,7 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     """
     cfg, fabric, on_gpu, run_dir = _launch(cfg, dry_run=dry_run)
     tc, W, rank = cfg.train, fabric.world_size, fabric.global_rank
-    ckpt_file = run_dir / "checkpoint.pt"
+    ckpt_file = runs.RunDir(run_dir).checkpoint
     state = checkpoint.load(ckpt_file) if ckpt_file.is_file() and not dry_run else None
     if state is not None:
         runs.check_resumable(state["config"], cfg.to_dict())
@@ -503,11 +503,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace) -> Config:
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "checkpoint.pt").is_file():
-            raise ConfigError(f"--resume: {run_dir} holds no checkpoint.pt")
-        overrides = [f"train.out_dir={run_dir.parent}", f"train.run_name={run_dir.name}", *args.overrides]
-        return load_config(run_dir / "config.yaml", overrides)
+        run = runs.RunDir(args.resume)
+        if not run.checkpoint.is_file():
+            raise ConfigError(f"--resume: {run.path} holds no {run.checkpoint.name}")
+        overrides = [f"train.out_dir={run.path.parent}", f"train.run_name={run.name}", *args.overrides]
+        return load_config(run.config, overrides)
     return load_config(args.config, args.overrides)
 
 
