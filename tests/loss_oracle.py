@@ -71,3 +71,13 @@ def oracle_supervised(z, labels, prototypes, *, lam=1.0, alpha=None, similarity=
         rep = max(others) if alpha is None else logsumexp([alpha * s for s in others]) / alpha
         out.append(-own + lam * rep)
     return torch.tensor(out, dtype=torch.float64).mean()
+
+
+def preset_settings(preset, hparams: dict[str, float]) -> dict:
+    """The oracle's settings for a ``protoclr.losses.Preset`` entry and the hyperparameter values it reads
+    (``hparams[k]`` for ``k`` in ``preset.params``): ``alpha = 1 / temperature`` for a temperature preset (SimCLR,
+    DCL), ``lam`` and ``nu`` 1 where it takes none, the preset's candidate set, denominator and scale."""
+    alpha = 1 / hparams["temperature"] if preset.alpha_from == "temperature" else hparams["alpha"]
+    return dict(alpha=alpha, lam=hparams["lam"] if "lam" in preset.params else 1.0,
+                nu=hparams["nu"] if "nu" in preset.params else 1.0, negatives=preset.negatives,
+                positive_in_denominator=preset.positive_in_denominator, scale=preset.scale)

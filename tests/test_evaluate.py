@@ -262,6 +262,7 @@ def test_cli_evaluates_a_run_writes_eval_json_and_records_it(tmp_path, fashion_m
     from protoclr import evaluate_cmd
     from protoclr import measure as M
     from protoclr.config import load_config
+    from protoclr.data import load_dataset
     from protoclr.runs import ResultsDB
 
     cfg = load_config(
@@ -275,8 +276,17 @@ def test_cli_evaluates_a_run_writes_eval_json_and_records_it(tmp_path, fashion_m
     assert evaluate_cmd.cli_main(argv) == 0
     out = json.loads((run_dir / "eval.json").read_text())
     assert out["train_images"] == 300 and out["test_images"] == 10000
-    for method in ("knn", "linear_cached"):
-        assert 0.1 < out[method]["top1"] <= out[method]["top5"] <= 1  # better than chance on 10 classes
+    # the command's numbers are the protocol's functions on its cached features of the seeded 300-image draw
+    cached = [torch.load(f, weights_only=True) for f in (run_dir / "features").glob("*.pt")]
+    (tr,), (te,) = ([c for c in cached if len(c["labels"]) == n] for n in (300, 10000))
+    full_train = load_dataset(cfg.data.dataset, split=cfg.data.train_split, root=fashion_mnist_dir)
+    drawn = splits.draw(full_train, 300, seed=splits.EVAL_FIT)
+    assert torch.equal(tr["labels"].long(), torch.as_tensor(drawn.labels).long())
+    args = (tr["features"], tr["labels"], te["features"], te["labels"])
+    knn = M.knn_scores(*args, num_classes=10, k=20)
+    linear = M.cached_probe_scores(*args, num_classes=10)
+    assert (out["knn"]["top1"], out["knn"]["top5"], out["knn"]["k"]) == (knn["top1"], knn["top5"], 20)
+    assert (out["linear_cached"]["top1"], out["linear_cached"]["top5"]) == (linear["top1"], linear["top5"])
     row = ResultsDB(tmp_path / "runs.db").get_run("tiny")["final_metrics"]
     # its own protocol (300 drawn training images, every test image, k = 20), so its own keys, never final_metrics'
     assert row["eval_knn_top1_fit300_k20"] == out["knn"]["top1"]

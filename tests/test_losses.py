@@ -9,7 +9,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_oracle import oracle_loss, oracle_supervised
+from loss_oracle import oracle_loss, oracle_supervised, preset_settings
 
 from protoclr import losses as L
 from protoclr.losses import contrastive_loss
@@ -17,27 +17,19 @@ from protoclr.losses import contrastive_loss
 OPTIONS = list(
     itertools.product(["all", "cross"], [True, False], ["none", "inverse_alpha"], ["cosine", "dot", "neg_euclidean"])
 )
-PRESETS = {
-    # name: (function, its kwargs, the equivalent contrastive_loss settings)
-    "nt_xent": (L.nt_xent_loss, {"temperature": 0.3}, {"alpha": 1 / 0.3}),
-    "generalized_nt_xent": (L.generalized_nt_xent_loss, {"alpha": 2.5, "lam": 1.7}, {"alpha": 2.5, "lam": 1.7}),
-    "decoupled": (
-        L.decoupled_contrastive_loss,
-        {"temperature": 0.2},
-        {"alpha": 5.0, "positive_in_denominator": False},
-    ),
-    "balanced": (
-        L.balanced_contrastive_loss,
-        {"alpha": 1.5, "lam": 2.0, "nu": 0.7},
-        {"alpha": 1.5, "lam": 2.0, "nu": 0.7, "negatives": "cross", "scale": "inverse_alpha"},
-    ),
-}
-MODULES = {
-    "nt_xent": L.NTXentLoss,
-    "generalized_nt_xent": L.GeneralizedNTXentLoss,
-    "decoupled": L.DecoupledContrastiveLoss,
-    "balanced": L.BalancedContrastiveLoss,
-}
+# One value for each hyperparameter a preset may read; a preset takes the ones its Preset.params names.
+HPARAMS = {"temperature": 0.3, "alpha": 2.5, "lam": 1.7, "nu": 0.7}
+
+
+def preset_case(name: str) -> tuple[dict, dict]:
+    """``(kwargs, settings)`` of losses.PRESETS[name]: its hyperparameters, and the oracle's settings they mean."""
+    preset = L.PRESETS[name]
+    return {k: HPARAMS[k] for k in preset.params}, preset_settings(preset, HPARAMS)
+
+
+def preset_function(name: str):
+    """The functional form of preset ``name``: the function its module (losses.LOSSES[name]) calls."""
+    return L.LOSSES[name]()._fn
 
 
 @pytest.mark.parametrize("negatives,pos_in,scale,similarity", OPTIONS)
@@ -81,15 +73,16 @@ def test_mean_positive_matches_oracle(negatives, pos_in, scale, similarity, chun
                                     (zg,))
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", list(L.PRESETS))
 def test_presets_match_oracle_and_modules(name):
-    fn, kwargs, settings = PRESETS[name]
+    """Each preset's function, module and preset_options against the oracle with the settings its entry declares."""
+    kwargs, settings = preset_case(name)
     torch.manual_seed(1)
     z = torch.randn(3, 6, 5, dtype=torch.float64)
     ref = oracle_loss(z, **settings)
-    torch.testing.assert_close(fn(z, **kwargs), ref, rtol=1e-10, atol=1e-10)
-    module = MODULES[name](**kwargs)
-    torch.testing.assert_close(module(*z.unbind(0)), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(preset_function(name)(z, **kwargs), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(L.LOSSES[name](**kwargs)(*z.unbind(0)), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(contrastive_loss(z, **L.preset_options(name, **kwargs)), ref, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", list(L.LOSSES))
@@ -104,7 +97,7 @@ def test_loss_table_entries_build_and_run(name):
         z = torch.randn(2, 8, 4)
         value = module(*z.unbind(0))
         assert value.shape == () and torch.isfinite(value)
-        assert name in PRESETS  # every named contrastive entry is proven against the oracle above
+        assert name in L.PRESETS  # every named contrastive entry is proven against the oracle above
 
 
 def test_nt_xent_matches_simclr_cross_entropy_reference():
@@ -150,10 +143,10 @@ def test_permutation_invariance(negatives, pos_in, scale, similarity):
 # --- gradients -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", list(L.PRESETS))
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_gradcheck_presets(name, chunk_size):
-    fn, kwargs, _ = PRESETS[name]
+    fn, (kwargs, _) = preset_function(name), preset_case(name)
     torch.manual_seed(6)
     z = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: fn(x, chunk_size=chunk_size, **kwargs), (z,))

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from protoclr.runs import ResultsDB
+from protoclr.runs import MetricsLog, ResultsDB, RunDir, checkpoint_file, write_run_files
 
 
 def test_round_trip_and_resume(tmp_path):
@@ -124,3 +124,24 @@ def test_reader_of_a_database_without_tables_gets_a_clear_error(tmp_path):
     junk.write_text("not a database at all, just some text that is long enough" * 20)
     with pytest.raises(NotADatabase, match="is not an SQLite database"):
         load_groups(junk)
+
+
+def test_run_dir_names_the_files_and_reads_the_records_the_log_wrote(tmp_path):
+    run = RunDir(tmp_path / "r")
+    names = (run.config.name, run.meta.name, run.checkpoint.name, run.metrics_file.name, run.db.name)
+    assert names == ("config.yaml", "meta.json", "checkpoint.pt", "metrics.jsonl", "runs.db")
+    assert run.db == tmp_path / "runs.db" and checkpoint_file(tmp_path / "x.pt") == tmp_path / "x.pt"
+    write_run_files(run.path, config_yaml="a: 1\n", meta={"x": 1})
+    assert checkpoint_file(run.path) == run.checkpoint and run.read_meta() == {"x": 1}
+    assert run.records() == [] and run.epochs() == []  # no metrics.jsonl yet
+    written = [{"kind": "step", "step": 1, "loss": 2.0}, {"kind": "epoch", "epoch": 0, "step": 1},
+               {"kind": "step", "step": 2, "loss": 1.5}]
+    log = MetricsLog(run.metrics_file)
+    for record in written:
+        log.write(record)
+    log.close()
+    with open(run.metrics_file, "a") as f:
+        f.write('{"kind": "epoch", "ep')  # a line cut short by a kill
+    assert run.records() == written and run.epochs() == [written[1]]
+    MetricsLog(run.metrics_file, resume_step=1, resume_epoch=0).close()  # resumed from step 1, inside epoch 0
+    assert run.records() == written[:1]

@@ -22,6 +22,8 @@ from twoproc import pretrain_one_and_two
 from protoclr import checkpoint as ckpt
 from protoclr import splits
 from protoclr.config import load_config
+from protoclr.losses import config_alpha
+from protoclr.measure import diagnostics_metrics
 from protoclr.models import build_encoder
 from protoclr.runs import ResultsDB, load_run
 from protoclr.splits import load_data
@@ -125,8 +127,14 @@ def test_tracked_diagnostics_reach_metrics_and_db(tmp_path, fashion_mnist_dir):
     keys = ("diag_attraction_gap", "diag_repulsion_gap", "diag_bias_angle_deg", "diag_alignment")
     assert [(r["epoch"], r["step"]) for r in epochs] == [(-1, 0), (0, 4), (1, 8)]  # step 0, then each epoch end
     assert not any(k in epochs[1] for k in (*keys, "knn_top1"))  # eval.every=2: epoch 0 is not measured
-    assert all(math.isfinite(epochs[2][k]) for k in keys)
-    assert 0 <= epochs[2]["diag_bias_angle_deg"] <= 180
+    # the last epoch's record is measure.diagnostics_metrics of the saved checkpoint's encoder (no step between)
+    encoder, cfg = load_run(run)
+    encoder = encoder.to(memory_format=torch.channels_last)  # as the loop's (trainer.channels_last)
+    _, test, spec = load_data(cfg)
+    probe = splits.balanced_draw(test, cfg.eval.diag_images, seed=splits.HELD_OUT)
+    again = diagnostics_metrics(encoder, probe, spec=spec, views=cfg.eval.diag_views, alphas=(config_alpha(cfg.loss),),
+                                seed=cfg.train.seed)
+    assert {k: epochs[2][k] for k in again} == again and set(keys) <= set(again)
     db_epochs = ResultsDB(tmp_path / "runs.db").epochs("tracked")
     assert [r["epoch"] for r in db_epochs] == [-1, 0, 1]
     assert all(db_epochs[i][k] == epochs[i][k] for k in keys for i in (0, 2))
@@ -250,7 +258,7 @@ SHORT = ["train.epochs=1", "eval.every=0", "eval.online_probe=false", "trainer.l
 def _noisy_steps(monkeypatch) -> None:
     """Every step reads the global torch RNG (as dropout or noise in the views would): the loss gains a random
     term, so a resumed run matches only if the global RNG resumes exactly where the interrupted run left it."""
-    import protoclr.train as T
+    import protoclr.targets as T
 
     def noisy(loss):
         def wrapped(z, *args, **kw):
@@ -437,7 +445,7 @@ def test_train_steps_spans_the_schedule_and_ends_in_a_cut_epoch(tmp_path, fashio
 
 def test_local_views_progressive_sizes_and_bf16_reach_the_encoder_and_loss(tmp_path, fashion_mnist_dir,
                                                                           monkeypatch):
-    import protoclr.train as T
+    import protoclr.targets as T
     from protoclr.models import Encoder
 
     seen_x, seen_z = [], []

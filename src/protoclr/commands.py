@@ -17,7 +17,7 @@ import torch
 
 from protoclr.data import load_dataset
 from protoclr.errors import NotACheckpoint
-from protoclr.runs import load_run
+from protoclr.runs import checkpoint_file, load_run
 from protoclr.splits import dataset_options
 
 
@@ -58,8 +58,7 @@ class OpenRun:
 def open_run(args: argparse.Namespace) -> OpenRun:
     """The run of ``args.path`` (a run folder or a checkpoint file) on ``args.device``; no checkpoint there is a
     one-line user error."""
-    path = Path(args.path)
-    ckpt = path / "checkpoint.pt" if path.is_dir() else path
+    ckpt = checkpoint_file(args.path)
     if not ckpt.is_file():
         raise NotACheckpoint(f"no checkpoint at {ckpt}; pass a run folder or a checkpoint file")
     encoder, cfg = load_run(ckpt, map_location=args.device)

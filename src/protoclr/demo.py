@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -27,7 +25,7 @@ from protoclr import measure as M
 from protoclr.config import load_config
 from protoclr.data import fetch_fashion_mnist
 from protoclr.measure import evaluate_backbone, random_init_floor, raw_pixel_floor
-from protoclr.runs import ResultsDB, load_run
+from protoclr.runs import ResultsDB, RunDir, load_run
 from protoclr.train import pretrain
 
 # The Fashion-MNIST recipe (docs/results/cpu/recipe.md, "Fashion-MNIST: the demo"), applied to the CPU default
@@ -62,9 +60,10 @@ def cli_main(argv: list[str]) -> int:
         fetch_fashion_mnist(cfg.data.root or None, log=console.print)
     t0 = time.perf_counter()
     run_dir = pretrain(cfg)
+    run = RunDir(run_dir)
     t_train = time.perf_counter() - t0
-    steps = int(checkpoint.load(run_dir / "checkpoint.pt")["step"])
-    meta = json.loads((run_dir / "meta.json").read_text())
+    steps = int(checkpoint.load(run.checkpoint)["step"])
+    meta = run.read_meta()
     encoder, cfg = load_run(run_dir)
     console.print("evaluating raw pixels and the encoder before and after pretraining: kNN and linear probe fitted "
                   "on every training image, scored on every test image ...")
@@ -99,7 +98,7 @@ def cli_main(argv: list[str]) -> int:
                   f"{meta['precision']} on {torch.get_num_threads()} threads), evaluation {t_eval / 60:.1f} min; "
                   f"run folder {run_dir}")
     raw, init, trained = rows.values()
-    db = ResultsDB(Path(cfg.train.out_dir) / "runs.db")
+    db = ResultsDB(run.db)
     row = db.get_run(run_dir.name)
     db.finish_run(run_dir.name, row["status"], {
         **(row["final_metrics"] or {}), **M.full_metrics(trained), **M.full_metrics(raw, of=M.RAW_PIXEL),

@@ -11,7 +11,6 @@ metrics over epochs and the bias per class. The maths live in :mod:`protoclr.dia
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from protoclr.commands import open_run, run_parser
 from protoclr.diagnostics import diagnose_features, view_features
 from protoclr.losses import config_alpha
 from protoclr.measure import headline
-from protoclr.runs import ResultsDB, record_final_metrics
+from protoclr.runs import ResultsDB, RunDir, record_final_metrics
 from protoclr.splits import HELD_OUT, balanced_draw
 from protoclr.views import config_view_spec
 
@@ -36,22 +35,14 @@ def history(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     run's epoch rows in ``run_dir/../runs.db`` (where ``protoclr sweep`` adds them); a later record of the
     same epoch wins. Empty when nothing was tracked.
     """
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     by_epoch: dict[int, dict[str, Any]] = {}
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            if isinstance(rec, dict) and rec.get("kind") == "epoch" and "epoch" in rec:
-                by_epoch.setdefault(int(rec["epoch"]), {}).update(rec)
-    db_path = run_dir.parent / "runs.db"
-    if db_path.is_file():
-        for row in ResultsDB(db_path).epochs(run_dir.name):
-            if "epoch" in row:
-                by_epoch.setdefault(int(row["epoch"]), {}).update(row)
+    for rec in run.epochs():
+        by_epoch.setdefault(int(rec["epoch"]), {}).update(rec)
+    db_rows = ResultsDB(run.db).epochs(run.name) if run.db.is_file() else []
+    for row in db_rows:
+        if "epoch" in row:
+            by_epoch.setdefault(int(row["epoch"]), {}).update(row)
     out: dict[str, list[tuple[int, float]]] = {}
     for epoch in sorted(by_epoch):
         for key, value in by_epoch[epoch].items():
@@ -283,7 +274,7 @@ def cli_main(argv: list[str]) -> int:
         console.print(f"over-epochs plot of {len(hist)} tracked keys: {over_epochs}")
     else:
         over_epochs.unlink(missing_ok=True)  # a stale plot from an earlier call would contradict this one
-        console.print(f"no bound or bias terms were tracked during training ({run_dir / 'metrics.jsonl'} and "
+        console.print(f"no bound or bias terms were tracked during training ({RunDir(run_dir).metrics_file} and "
                       "runs.db hold no diag_* epoch metrics; train with tracking on, or through protoclr sweep), "
                       "so there is no over-epochs plot")  # fmt: skip
     per_class = run_dir / "diagnostics_bias_per_class.png"

@@ -164,7 +164,7 @@ def slurm_scripts(ids: list[str], *, out: Path, job_cmd: list[str], partition: s
 def prepare_jobs(db_path: Path, ids: list[str], *, out: Path) -> None:
     """Each run's ``sweep_runs`` row copied into its job database ``<out>/jobs/<rid>/runs.db``."""
     for rid in ids:
-        runs.copy_sweep_rows(db_path, out / "jobs" / rid / "runs.db", [rid])
+        runs.copy_sweep_rows(db_path, runs.database(out / "jobs" / rid), [rid])
 
 
 __all__ = ["HEARTBEAT_SECONDS", "MAX_ATTEMPTS", "STALE_SECONDS", "alive", "claim", "prepare_jobs", "proc_start",

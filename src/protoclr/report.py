@@ -44,7 +44,7 @@ from protoclr.measure import (
     last_good,
     short_name,
 )
-from protoclr.runs import read_all
+from protoclr.runs import RunDir, read_all
 
 ACC = EVAL_LINEAR
 
@@ -145,7 +145,7 @@ def load_groups(db_path: str | Path) -> tuple[list[Group], dict[str, int]]:
         if m is None:
             key = (r["run_id"], "{}")
             g = groups.setdefault(key, Group(sweep=r["run_id"], study="", point={},
-                                             source=f"{r['run_dir']}/config.yaml"))
+                                             source=str(RunDir(str(r["run_dir"])).config)))
         else:
             spec = json.loads(m["spec"])
             key = (m["sweep"], m["point"])

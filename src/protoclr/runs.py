@@ -1,6 +1,7 @@
 """A run's folder and the results database ``runs.db``: every file layout and every SQL statement of protoclr.
 
-    run_dir = Path(cfg.train.out_dir) / run_name(cfg)      # config.yaml, meta.json, checkpoint.pt, metrics.jsonl
+    run = RunDir(Path(cfg.train.out_dir) / run_name(cfg))  # run.checkpoint, .config, .meta, .metrics_file, .db
+    run.epochs()                                            # the epoch records of its metrics.jsonl
     encoder, cfg = load_run(run_dir)                        # or a checkpoint file
     db = ResultsDB("runs/runs.db")
     db.start_run(run_id, config=cfg.to_dict(), run_dir="runs/x")
@@ -46,6 +47,56 @@ STATUSES = ("running", "finished", "diverged", "failed", "interrupted")
 # ----------------------------------------------------------------------------------------------------------
 # the run folder
 
+DB_FILE = "runs.db"  # the results database of a folder of runs (protoclr pretrain's train.out_dir, a sweep's --out)
+
+
+def database(out_dir: str | Path) -> Path:
+    """The results database of the runs in ``out_dir``."""
+    return Path(out_dir) / DB_FILE
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` for each JSON object line of ``path``; a line cut short by a kill is left out."""
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            yield line, record
+
+
+class RunDir:
+    """A run's folder ``<out_dir>/<run_name>/``, the one place its layout is spelled: ``config.yaml`` (the resolved
+    config), ``meta.json`` (version, commit, command, precision), ``checkpoint.pt`` (latest, atomic),
+    ``metrics.jsonl`` (one record per line, protoclr.runs.MetricsLog); ``db`` is the results database beside it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.name = self.path.name
+        self.config = self.path / "config.yaml"
+        self.meta = self.path / "meta.json"
+        self.checkpoint = self.path / "checkpoint.pt"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.db = database(self.path.parent)
+
+    def read_meta(self) -> dict[str, Any]:
+        return json.loads(self.meta.read_text())
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record of ``metrics.jsonl`` in order (none when the file is absent)."""
+        return [record for _, record in _jsonl(self.metrics_file)] if self.metrics_file.is_file() else []
+
+    def epochs(self) -> list[dict[str, Any]]:
+        """The epoch records (``"kind": "epoch"``) of ``metrics.jsonl``."""
+        return [r for r in self.records() if r.get("kind") == "epoch" and "epoch" in r]
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint a user names by its run folder or by the file itself."""
+    path = Path(path)
+    return RunDir(path).checkpoint if path.is_dir() else path
+
 
 def run_name(cfg: Any) -> str:
     """``train.run_name``, or ``<dataset>-<backbone>-<loss>-<time>``."""
@@ -85,8 +136,8 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
 def write_run_files(run_dir: Path, *, config_yaml: str, meta: dict[str, Any]) -> None:
     """``config.yaml`` (the resolved config) and ``meta.json`` (version, commit, command, ...), atomically."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(run_dir / "config.yaml", config_yaml)
-    atomic.write_text(run_dir / "meta.json", json.dumps(json_clean(meta), indent=2))
+    atomic.write_text(RunDir(run_dir).config, config_yaml)
+    atomic.write_text(RunDir(run_dir).meta, json.dumps(json_clean(meta), indent=2))
 
 
 class MetricsLog:
@@ -97,15 +148,7 @@ class MetricsLog:
     def __init__(self, path: Path, *, resume_step: int | None = None, resume_epoch: int = 0):
         self.path = path
         if resume_step is not None and path.is_file():
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by the kill
-                    continue
-                late = rec.get("step", 0) > resume_step or (rec.get("kind") == "epoch" and rec["epoch"] >= resume_epoch)
-                if not late:
-                    keep.append(line)
+            keep = [line for line, rec in _jsonl(path) if not _late(rec, resume_step, resume_epoch)]
             atomic.write_text(path, "".join(x + "\n" for x in keep))
         self.file = open(path, "a")
 
@@ -115,6 +158,11 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _late(record: dict[str, Any], step: int, epoch: int) -> bool:
+    """A record written after the checkpoint of ``step`` (in epoch ``epoch``) a run resumes from."""
+    return record.get("step", 0) > step or (record.get("kind") == "epoch" and record["epoch"] >= epoch)
 
 
 def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -140,9 +188,9 @@ class Recorder:
         self.db, self.log = None, None
         if enabled:
             write_run_files(run_dir, config_yaml=cfg.to_yaml(), meta=meta or {})
-            self.db = ResultsDB(Path(cfg.train.out_dir) / "runs.db")
+            self.db = ResultsDB(database(cfg.train.out_dir))
             self.db.start_run(run_dir.name, config=cfg.to_dict(), run_dir=run_dir)
-            self.log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step, resume_epoch=resume_epoch)
+            self.log = MetricsLog(RunDir(run_dir).metrics_file, resume_step=resume_step, resume_epoch=resume_epoch)
         # Lightning's loggers drop an empty list (read as a list of dicts to flatten): it is sent as "[]"
         params = {k: "[]" if v == [] else v for k, v in flat_config(cfg.to_dict()).items()}
         for logger in self.loggers:
@@ -199,8 +247,7 @@ class Recorder:
 def load_run(path: str | Path, *, map_location: Any = "cpu") -> tuple[Any, Any]:
     """``(encoder, cfg)`` from a run folder or a checkpoint file; the encoder is in eval mode and
     ``encoder.backbone`` gives the features evaluation uses."""
-    path = Path(path)
-    file = path / "checkpoint.pt" if path.is_dir() else path
+    path, file = Path(path), checkpoint_file(path)
     if path.is_dir() and not file.is_file():
         raise NotACheckpoint(f"{path} holds no checkpoint.pt; pass a run folder or a checkpoint file")
     state = checkpoint.load(file, map_location=map_location)
@@ -213,7 +260,7 @@ def load_run(path: str | Path, *, map_location: Any = "cpu") -> tuple[Any, Any]:
 def record_final_metrics(run_dir: Path, metrics: dict[str, float]) -> str:
     """Merge ``metrics`` into the final metrics of this run's row in ``runs.db`` (parent folder); returns a
     sentence saying where they went (or why only the JSON file holds them)."""
-    db_path = run_dir.parent / "runs.db"
+    db_path = RunDir(run_dir).db
     if not db_path.is_file():
         return f"no {db_path}; results are in the JSON file only"
     db = ResultsDB(db_path)
@@ -596,7 +643,37 @@ def read_all(db_path: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, A
     return runs, meta, epochs
 
 
-__all__ = ["RESUME_FIXED", "STATUSES", "TABLES", "MetricsLog", "Recorder", "ResultsDB", "beat", "check_resumable",
-           "claim_run", "connect", "copy_sweep_rows", "create_schema", "flat_config", "git_commit", "has_schema",
-           "load_run", "merge_databases", "read_all", "record_final_metrics", "register_runs", "release_run",
-           "reopen_finished", "run_name", "run_spec", "set_run_spec", "sweep_rows", "transaction", "write_run_files"]
+__all__ = [
+    "DB_FILE",
+    "RESUME_FIXED",
+    "STATUSES",
+    "TABLES",
+    "MetricsLog",
+    "Recorder",
+    "ResultsDB",
+    "RunDir",
+    "beat",
+    "check_resumable",
+    "checkpoint_file",
+    "claim_run",
+    "connect",
+    "copy_sweep_rows",
+    "create_schema",
+    "database",
+    "flat_config",
+    "git_commit",
+    "has_schema",
+    "load_run",
+    "merge_databases",
+    "read_all",
+    "record_final_metrics",
+    "register_runs",
+    "release_run",
+    "reopen_finished",
+    "run_name",
+    "run_spec",
+    "set_run_spec",
+    "sweep_rows",
+    "transaction",
+    "write_run_files",
+]

@@ -408,9 +408,9 @@ def cli_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.merge:
         out = Path(args.merge)
-        sources = sorted(out.glob("jobs/*/runs.db"))
-        n = runs.merge_databases(out / "runs.db", sources)
-        print(f"merged {n} runs from {len(sources)} job databases into {out / 'runs.db'}")
+        sources = sorted(out.glob(f"jobs/*/{runs.DB_FILE}"))
+        n = runs.merge_databases(runs.database(out), sources)
+        print(f"merged {n} runs from {len(sources)} job databases into {runs.database(out)}")
         return 0
     sweep = build_sweep(args)  # user errors reach protoclr.cli, which prints them as one line
     specs = expand(sweep, extra=args.set)
@@ -418,7 +418,7 @@ def cli_main(argv: list[str]) -> int:
         raise SweepError(f"--workers {args.workers}: must be >= 1")
     out = Path(args.out or f"runs/sweeps/{sweep.name}")
     points = len(specs) // sweep.seeds
-    print(f"sweep {sweep.name}: {points} point(s) x {sweep.seeds} seed(s) = {len(specs)} runs -> {out}/runs.db")
+    print(f"sweep {sweep.name}: {points} point(s) x {sweep.seeds} seed(s) = {len(specs)} runs -> {runs.database(out)}")
     if args.dry_run:
         seen = set()
         for r in specs:  # one per code path: data, model, loss and similarity (grid values only rescale)
@@ -431,7 +431,7 @@ def cli_main(argv: list[str]) -> int:
             pretrain(config_from_dict(r.config), dry_run=True)
             print(f"  dry run ok ({time.perf_counter() - t0:.0f} s): {r.run_id}")
         return 0
-    db_path = init_db(out / "runs.db")
+    db_path = init_db(runs.database(out))
     command = " ".join(["protoclr", "sweep", *(a for a in argv if a not in ("--plan", "--retry-failed",
                                                                             "--reevaluate"))])
     register(db_path, sweep, specs, command=command)
@@ -483,7 +483,7 @@ def _internal_main(argv: list[str]) -> int:
         jobs.worker_loop(Path(argv[1]), ids, execute_run, retry_failed="--retry-failed" in argv)
         return 0
     if argv[0] == "_job":
-        job_db = init_db(Path(argv[1]) / "runs.db")
+        job_db = init_db(runs.database(argv[1]))
         rid, extra = argv[2], argv[3:]
         if extra:  # e.g. trainer.devices from the job's allocation; not part of the run id
             spec = runs.run_spec(job_db, rid)

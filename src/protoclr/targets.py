@@ -6,6 +6,10 @@
     ...optimizer step...
     branch.after_step(encoder, z, t, step=k)                  # EMA update, queue
 
+The loop sees the training objective as one object with one method (:func:`objective`): ``loss, t =
+objective.loss(z, x, labels)``; :class:`Contrastive` is the contrastive loss toward the branch's targets,
+:class:`SupervisedPrototype` the supervised prototype loss toward the bank's class prototypes.
+
 Names (docs/training.md, "The target branch"): ``shared`` (SimCLR: one encoder, gradient through both sides),
 ``stop_gradient`` (the target side detached), ``momentum`` (an EMA copy of backbone and projector, cosine
 momentum schedule, updated by the loop after each step: BYOL, Grill et al. 2020; MoCo v3), ``multi_view_mean``
@@ -18,15 +22,17 @@ Everything the branch carries across steps (the EMA encoder, the queue, the bank
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from protoclr.distributed import all_gather_no_grad
-from protoclr.losses import PrototypeBank
+from protoclr.losses import PrototypeBank, config_options, contrastive_loss, supervised_prototype_loss
 
 # target.name values (TargetBranch implements each; protoclr.config validates target.name against this tuple)
 TARGETS = ("shared", "stop_gradient", "momentum", "multi_view_mean")
@@ -96,6 +102,14 @@ class TargetBranch:
             rows = all_gather_no_grad(rows).transpose(0, 1).flatten(0, 1)  # (B, V, D) -> (V*B, D)
             self.queue = enqueue(self.queue, rows, size=self.queue_size)
 
+    @torch.no_grad()
+    def update_bank(self, z: torch.Tensor, labels: torch.Tensor) -> None:
+        """The supervised objective's step: every rank's projections ``z`` (V, Bl, D) of images with ``labels``
+        (Bl,) update the class-prototype bank (before the loss reads it)."""
+        zf = z.detach().flatten(0, 1)  # (V*Bl, D)
+        yf = labels.repeat(z.shape[0])  # (V*Bl,)
+        self.bank.update(all_gather_no_grad(zf), all_gather_no_grad(yf))
+
     def modules(self) -> list[nn.Module]:
         """Modules whose buffers a step changes besides the online encoder (restored when a step is skipped)."""
         return [m for m in (self.encoder, self.bank) if m is not None]
@@ -129,4 +143,50 @@ class TargetBranch:
             self.bank.load_state_dict(state["bank"])
 
 
-__all__ = ["TARGETS", "TargetBranch", "ema_update", "enqueue", "momentum_schedule"]
+# ----------------------------------------------------------------------------------------------------------
+# the objective: what the loop minimizes, as one object with one method
+
+
+class Contrastive:
+    """The contrastive loss (protoclr.losses.contrastive_loss, ``loss.name`` a preset) toward the target
+    branch's targets; the branch's target side runs under ``autocast`` (the training precision)."""
+
+    def __init__(self, loss_cfg: Any, branch: TargetBranch, *,
+                 autocast: Callable[[], Any] = contextlib.nullcontext):
+        self.branch, self.options, self.autocast = branch, config_options(loss_cfg), autocast
+
+    def loss(self, z: torch.Tensor, x: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(loss, t)``: the loss of anchors ``z`` (V, Bl, D) made from views ``x``, and the targets ``t``
+        (V, Bl, D) it pulled them toward (None: z itself) for :meth:`TargetBranch.after_step`."""
+        with self.autocast():
+            t = self.branch.side(z, x)  # (V, Bl, D) or None (z itself)
+        return contrastive_loss(z, target=t, **self.branch.loss_options(), **self.options), t
+
+
+class SupervisedPrototype:
+    """The supervised prototype loss (protoclr.losses.supervised_prototype_loss) toward the class prototypes of
+    the branch's bank, which this step's projections update first."""
+
+    def __init__(self, loss_cfg: Any, branch: TargetBranch):
+        self.branch, self.cfg = branch, loss_cfg
+
+    def loss(self, z: torch.Tensor, x: Any, labels: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """``(loss, None)`` of projections ``z`` (V, Bl, D) of images with ``labels`` (Bl,); views ``x`` unused."""
+        self.branch.update_bank(z, labels)
+        yf = labels.repeat(z.shape[0])  # (V*Bl,): view-major, as z.flatten(0, 1)
+        loss = supervised_prototype_loss(z.flatten(0, 1), yf, self.branch.bank.prototypes, lam=self.cfg.lam,
+                                         alpha=self.cfg.alpha, similarity=self.cfg.similarity)
+        return loss, None
+
+
+def objective(loss_cfg: Any, branch: TargetBranch, *,
+              autocast: Callable[[], Any] = contextlib.nullcontext) -> Contrastive | SupervisedPrototype:
+    """The objective of ``loss.name``: :class:`SupervisedPrototype` for ``supervised_prototype``, else
+    :class:`Contrastive` (the presets of protoclr.losses)."""
+    if loss_cfg.name == "supervised_prototype":
+        return SupervisedPrototype(loss_cfg, branch)
+    return Contrastive(loss_cfg, branch, autocast=autocast)
+
+
+__all__ = ["TARGETS", "Contrastive", "SupervisedPrototype", "TargetBranch", "ema_update", "enqueue",
+           "momentum_schedule", "objective"]

@@ -17,14 +17,17 @@ Step: global batch ``B`` (``train.batch_size``) of dataset indices from a seeded
 deterministic in (seed, epoch, index, view); protoclr.views), runs the encoder on all of them at once, and the
 loss gathers candidates from all ranks; so ``W`` processes follow the one-process run (exactly, up to float
 summation order, with batch-independent norms; BatchNorm statistics are per process unless SyncBatchNorm is on).
-The target branch (protoclr.targets) supplies the loss's targets and is updated after the optimizer step. The
-online probe trains on detached features of view 0 with its own optimizer: its loss never reaches the encoder.
+The objective (protoclr.targets.objective: the contrastive loss toward the target branch's targets, or the
+supervised prototype loss toward its class-prototype bank) is one ``loss(z, x, labels)`` call; the target branch
+is updated after the optimizer step. The online probe trains on detached features of view 0 with its own
+optimizer: its loss never reaches the encoder.
 Measurements at epoch ends are protoclr.measure's (the ``eval`` config section).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import math
@@ -43,11 +46,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import protoclr
-from protoclr import checkpoint, data, runs, splits
+from protoclr import checkpoint, data, runs, splits, targets
 from protoclr.config import Config, ConfigError, DataConfig, load_config
-from protoclr.distributed import all_gather_no_grad
 from protoclr.loggers import LOGGERS
-from protoclr.losses import config_options, contrastive_loss, supervised_prototype_loss
 from protoclr.measure import Monitor
 from protoclr.models import TIMM_PREFIX, Encoder, build_encoder, timm_input_size
 from protoclr.optim import LARS, build_optimizer
@@ -294,6 +295,20 @@ class Position:
             self.loss_sum, self.loss_n = torch.zeros(()), 0
         self.loss_sum = self.loss_sum.to(device)
 
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """A taken step's loss (detached) joins the epoch's running loss."""
+        self.loss_sum = self.loss_sum + loss
+        self.loss_n += 1
+
+    def advance(self) -> None:
+        """A step is done (taken or skipped)."""
+        self.step += 1
+        self.step_in_epoch += 1
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step, "skips": self.skips,
                 "epoch_loss": [self.loss_sum.detach().cpu(), self.loss_n]}
@@ -321,7 +336,7 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     cfg = fit_to_data(cfg, None if dry_run else train, say=fabric.print)  # the views, the timm input size
     spec = config_view_spec(cfg.data)
     tc, W, rank = cfg.train, fabric.world_size, fabric.global_rank
-    ckpt_file = run_dir / "checkpoint.pt"
+    ckpt_file = runs.RunDir(run_dir).checkpoint
     state = checkpoint.load(ckpt_file) if ckpt_file.is_file() and not dry_run else None
     if state is not None:
         runs.check_resumable(state["config"], cfg.to_dict())
@@ -342,10 +357,10 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
         if pos.step >= total_steps:
             fabric.print(f"{run_dir} is complete ({pos.step} steps); nothing to resume")
             return run_dir
-    raw, branch, supervised = learner.encoder, learner.branch, cfg.loss.name == "supervised_prototype"
+    raw, branch = learner.encoder, learner.branch
     model, optimizer, probe, probe_opt = learner.setup(fabric, cfg.trainer)  # device, precision, DDP wrappers
+    objective = targets.objective(cfg.loss, branch, autocast=fabric.autocast)
     monitor = Monitor(cfg, train, test, spec) if cfg.eval.every and not dry_run else None
-    options = None if supervised else config_options(cfg.loss)
     precision = str(fabric._connector._precision_input)
     rec = runs.Recorder(run_dir, cfg, enabled=rank == 0 and not dry_run, loggers=fabric.loggers,
                         say=lambda line: (fabric.print(line), sys.stdout.flush()), resume_epoch=pos.epoch,
@@ -373,96 +388,81 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
             lambda enc, _: monitor.measure(enc, learner.probe, dist=fabric, device=fabric.device), raw, {})})
     if state is None:
         save()  # a last good checkpoint exists from the start (after the step-0 record: a kill between them reruns it)
+
+    def step(idx: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> tuple[Any, Any] | None:
+        """One optimizer step on this rank's slice of the global batch: ``(loss, probe_loss)`` detached (probe_loss
+        None without a probe), or None when a non-finite step was skipped (train.on_nonfinite=skip)."""
+        images = images.to(fabric.device, non_blocking=True)  # (Bl, C, H, W) uint8
+        labels = labels.to(fabric.device, non_blocking=True).long()  # (Bl,)
+        # [(V*Bl, C, s, s)] plus [(L*Bl, C, sl, sl)] with local views
+        xs = tv.make(images, seed=tc.seed, epoch=pos.epoch, indices=idx, step=pos.step, total_steps=total_steps)
+        if cfg.trainer.channels_last:
+            xs = [xi.contiguous(memory_format=torch.channels_last) for xi in xs]
+        x = xs[0] if len(xs) == 1 else xs
+        backup = [b.detach().clone() for m in stateful for b in m.buffers()] if tc.on_nonfinite == "skip" else []
+        h, z = model(x)  # (Vt*Bl, F), (Vt*Bl, D): global views first, view-major
+        z = z.view(Vt, Bl, -1)  # (Vt, Bl, D)
+        loss, t = objective.loss(z, x, labels)  # t: the targets z was pulled toward (None: z itself)
+        probe_loss = F.cross_entropy(probe(h[:Bl].detach().float()), labels) if probe else None
+        fabric.backward(loss if probe_loss is None else loss + probe_loss)
+        if (msg := _nonfinite(loss, raw, fabric, cfg, pos, lrs)) is not None:
+            _zero_grad(optimizer, probe_opt)
+            if (msg := _skip(msg, pos, tc, stateful, backup, rec, fabric.print)) is None:
+                return None
+            rec.finish("diverged", {"step": pos.step, "epoch": pos.epoch, "skips": pos.skips}, msg)
+            raise TrainingDiverged(f"training diverged: {msg}. The last good checkpoint is kept in {ckpt_file}.",
+                                   run_dir)
+        for g in optimizer.param_groups:
+            g["lr"] = float(lrs[pos.step])
+        optimizer.step()
+        _zero_grad(optimizer)
+        if probe_opt:
+            probe_opt.step()
+            _zero_grad(probe_opt)
+        branch.after_step(raw, z, t, step=pos.step)  # EMA update, queue
+        pos.advance()
+        return loss.detach(), probe_loss.detach() if probe_loss is not None else None
+
     progress = _progress(enabled=cfg.trainer.progress and rank == 0 and not dry_run)
     epoch_metrics: dict[str, Any] = {}
-    try:
-        with progress:
-            while pos.epoch < num_epochs and pos.step < max_steps:
-                stop = min(steps_per_epoch, total_steps - pos.epoch * steps_per_epoch)  # steps in this epoch
-                task = progress.add_task("", total=stop, completed=pos.step_in_epoch, epoch=pos.epoch, loss=0, ips=0)
-                pos.begin_epoch(fabric.device)
-                t_log, n_log = time.perf_counter(), 0
-                model.train()
-                for idx, images, labels in splits.epoch_batches(train, seed=tc.seed, epoch=pos.epoch, batch_size=B,
-                                                                rank=rank, world_size=W, start=pos.step_in_epoch,
-                                                                stop=stop, num_workers=cfg.data.num_workers,
-                                                                pin_memory=on_gpu, crops=crops):
-                    if pos.step >= max_steps:
-                        break
-                    images = images.to(fabric.device, non_blocking=True)  # (Bl, C, H, W) uint8
-                    labels = labels.to(fabric.device, non_blocking=True).long()  # (Bl,)
-                    # [(V*Bl, C, s, s)] plus [(L*Bl, C, sl, sl)] with local views
-                    xs = tv.make(images, seed=tc.seed, epoch=pos.epoch, indices=idx, step=pos.step,
-                                 total_steps=total_steps)
-                    if cfg.trainer.channels_last:
-                        xs = [xi.contiguous(memory_format=torch.channels_last) for xi in xs]
-                    x = xs[0] if len(xs) == 1 else xs
-                    backup = [b.detach().clone() for m in stateful for b in m.buffers()] \
-                        if tc.on_nonfinite == "skip" else []
-                    h, z = model(x)  # (Vt*Bl, F), (Vt*Bl, D): global views first, view-major
-                    z = z.view(Vt, Bl, -1)  # (Vt, Bl, D)
-                    if supervised:  # the loop owns the bank: this step's gathered projections update it first
-                        zf, yf, t = z.detach().flatten(0, 1), labels.repeat(Vt), None  # (Vt*Bl, D), (Vt*Bl,)
-                        branch.bank.update(all_gather_no_grad(zf), all_gather_no_grad(yf))
-                        loss = supervised_prototype_loss(z.flatten(0, 1), yf, branch.bank.prototypes,
-                                                         lam=cfg.loss.lam, alpha=cfg.loss.alpha,
-                                                         similarity=cfg.loss.similarity)
-                    else:
-                        with fabric.autocast():
-                            t = branch.side(z, x)  # (Vt, Bl, D) or None (z itself)
-                        loss = contrastive_loss(z, target=t, **branch.loss_options(), **options)
-                    probe_loss = F.cross_entropy(probe(h[:Bl].detach().float()), labels) if probe else 0.0
-                    fabric.backward(loss + probe_loss)
-                    probe_loss = probe_loss.detach() if probe else 0.0
-                    if (msg := _nonfinite(loss, raw, fabric, cfg, pos, lrs)) is not None:
-                        for opt in (optimizer, probe_opt):
-                            if opt is not None:
-                                opt.zero_grad(set_to_none=True)
-                        if (msg := _skip(msg, pos, tc, stateful, backup, rec, fabric.print)) is None:
-                            continue
-                        rec.finish("diverged", {"step": pos.step, "epoch": pos.epoch, "skips": pos.skips}, msg)
-                        raise TrainingDiverged(f"training diverged: {msg}. The last good checkpoint is kept in "
-                                               f"{ckpt_file}.", run_dir)
-                    for g in optimizer.param_groups:
-                        g["lr"] = float(lrs[pos.step])
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if probe_opt:
-                        probe_opt.step()
-                        probe_opt.zero_grad(set_to_none=True)
-                    branch.after_step(raw, z, t, step=pos.step)
-                    pos.step, pos.step_in_epoch = pos.step + 1, pos.step_in_epoch + 1
-                    pos.loss_sum, pos.loss_n, n_log = pos.loss_sum + loss.detach(), pos.loss_n + 1, n_log + B
-                    if pos.step % tc.log_every == 0 or pos.step_in_epoch == stop:
-                        avg = (fabric.all_reduce(pos.loss_sum, reduce_op="mean") if W > 1 else pos.loss_sum).item()
-                        ips, t_log, n_log = n_log / (time.perf_counter() - t_log), time.perf_counter(), 0
-                        progress.update(task, completed=pos.step_in_epoch, loss=avg / pos.loss_n, ips=ips)
-                        rec.step(pos.step, {"loss": avg / pos.loss_n, "lr": float(lrs[pos.step - 1]), "img_per_s": ips,
-                                            "epoch": pos.epoch}, probe_loss=float(probe_loss) if probe else None)
-                    if tc.checkpoint_every and pos.step % tc.checkpoint_every == 0 and pos.step_in_epoch < stop:
-                        save()
-                progress.remove_task(task)
-                if pos.step_in_epoch < stop:  # stopped by train.max_steps inside the epoch
+    with _recording_failures(rec, lambda: epoch_metrics), progress:
+        while pos.epoch < num_epochs and pos.step < max_steps:
+            stop = min(steps_per_epoch, total_steps - pos.epoch * steps_per_epoch)  # steps in this epoch
+            task = progress.add_task("", total=stop, completed=pos.step_in_epoch, epoch=pos.epoch, loss=0, ips=0)
+            pos.begin_epoch(fabric.device)
+            rate = Throughput()
+            model.train()
+            batches = splits.epoch_batches(train, seed=tc.seed, epoch=pos.epoch, batch_size=B, rank=rank,
+                                           world_size=W, start=pos.step_in_epoch,
+                                           stop=min(stop, pos.step_in_epoch + max_steps - pos.step),
+                                           num_workers=cfg.data.num_workers, pin_memory=on_gpu, crops=crops)
+            for idx, images, labels in batches:
+                if (losses := step(idx, images, labels)) is None:
+                    continue  # skipped
+                loss, probe_loss = losses
+                pos.add_loss(loss)
+                rate.count(B)
+                if pos.step % tc.log_every == 0 or pos.step_in_epoch == stop:
+                    loss_sum = fabric.all_reduce(pos.loss_sum, reduce_op="mean") if W > 1 else pos.loss_sum
+                    avg, ips = loss_sum.item() / pos.loss_n, rate.read()  # the epoch's mean loss so far
+                    progress.update(task, completed=pos.step_in_epoch, loss=avg, ips=ips)
+                    scalars = {"loss": avg, "lr": float(lrs[pos.step - 1]), "img_per_s": ips, "epoch": pos.epoch}
+                    rec.step(pos.step, scalars, probe_loss=None if probe_loss is None else float(probe_loss))
+                if tc.checkpoint_every and pos.step % tc.checkpoint_every == 0 and pos.step_in_epoch < stop:
                     save()
-                    break
-                epoch_metrics = {"epoch": pos.epoch, "step": pos.step, "loss": pos.loss_sum.item() / max(pos.loss_n, 1),
-                                 "lr": float(lrs[pos.step - 1]), "skips": pos.skips}
-                last = pos.step >= total_steps
-                if monitor is not None and monitor.due(pos.epoch, last=last):
-                    epoch_metrics.update(monitor.measure(raw, learner.probe, dist=fabric, device=fabric.device))
-                if on_epoch_end is not None and rank == 0 and not dry_run:
-                    epoch_metrics.update(_isolated(on_epoch_end, raw, epoch_metrics))
-                pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+            progress.remove_task(task)
+            if pos.step_in_epoch < stop:  # stopped by train.max_steps inside the epoch
                 save()
-                rec.epoch(epoch_metrics)
-    except KeyboardInterrupt:
-        rec.finish("interrupted", epoch_metrics, "interrupted by the user; the last checkpoint resumes it")
-        raise
-    except TrainingDiverged:
-        raise
-    except BaseException as e:
-        rec.finish("failed", epoch_metrics, f"{type(e).__name__}: {e}")
-        raise
+                break
+            epoch_metrics = {"epoch": pos.epoch, "step": pos.step, "loss": pos.loss_sum.item() / max(pos.loss_n, 1),
+                             "lr": float(lrs[pos.step - 1]), "skips": pos.skips}
+            if monitor is not None and monitor.due(pos.epoch, last=pos.step >= total_steps):
+                epoch_metrics.update(monitor.measure(raw, learner.probe, dist=fabric, device=fabric.device))
+            if on_epoch_end is not None and rank == 0 and not dry_run:
+                epoch_metrics.update(_isolated(on_epoch_end, raw, epoch_metrics))
+            pos.next_epoch()
+            save()
+            rec.epoch(epoch_metrics)
     # stopped by train.max_steps: resuming continues the schedule
     rec.finish("interrupted" if pos.step < total_steps and not dry_run else "finished", epoch_metrics)
     if dry_run and rank == 0:
@@ -481,12 +481,50 @@ def _skip(msg: str, pos: Position, tc: Any, stateful: list[nn.Module], backup: l
                 b.copy_(saved)
         say(f"skipping: {msg} ({pos.skips} skipped so far)")
         rec.event({"kind": "skip", "step": pos.step, "epoch": pos.epoch, "message": msg})
-        pos.step, pos.step_in_epoch = pos.step + 1, pos.step_in_epoch + 1
+        pos.advance()
         return None
     if tc.on_nonfinite == "skip":
         msg += f"; {pos.skips} steps skipped before it (train.max_skips={tc.max_skips})"
     rec.event({"kind": "diverged", "step": pos.step, "epoch": pos.epoch, "message": msg})
     return msg
+
+
+def _zero_grad(*optimizers: Any) -> None:
+    for opt in optimizers:
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def _recording_failures(rec: runs.Recorder, last_metrics: Callable[[], dict[str, Any]]):
+    """The run's status in runs.db when the loop is left by an exception: ``interrupted`` (Ctrl-C; the last
+    checkpoint resumes it) or ``failed``, with the last epoch's metrics; a divergence has recorded itself."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        rec.finish("interrupted", last_metrics(), "interrupted by the user; the last checkpoint resumes it")
+        raise
+    except TrainingDiverged:
+        raise
+    except BaseException as e:
+        rec.finish("failed", last_metrics(), f"{type(e).__name__}: {e}")
+        raise
+
+
+class Throughput:
+    """Images per second since the last reading."""
+
+    def __init__(self):
+        self.start, self.images = time.perf_counter(), 0
+
+    def count(self, images: int) -> None:
+        self.images += images
+
+    def read(self) -> float:
+        now = time.perf_counter()
+        ips = self.images / (now - self.start)
+        self.start, self.images = now, 0
+        return ips
 
 
 def _nonfinite(loss: torch.Tensor, encoder: nn.Module, fabric, cfg: Config, pos: Position,
@@ -536,11 +574,11 @@ def _resolve(args: argparse.Namespace) -> Config:
     if args.skip_bad:
         args.overrides = [*args.overrides, "data.on_bad=skip"]
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "checkpoint.pt").is_file():
-            raise ConfigError(f"--resume: {run_dir} holds no checkpoint.pt")
-        overrides = [f"train.out_dir={run_dir.parent}", f"train.run_name={run_dir.name}", *args.overrides]
-        return load_config(run_dir / "config.yaml", overrides)
+        run = runs.RunDir(args.resume)
+        if not run.checkpoint.is_file():
+            raise ConfigError(f"--resume: {run.path} holds no {run.checkpoint.name}")
+        overrides = [f"train.out_dir={run.path.parent}", f"train.run_name={run.name}", *args.overrides]
+        return load_config(run.config, overrides)
     return load_config(args.config, args.overrides)
 
 
