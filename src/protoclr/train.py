@@ -444,7 +444,8 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
                 rate.count(B)
                 if pos.step % tc.log_every == 0 or pos.step_in_epoch == stop:
                     loss_sum = fabric.all_reduce(pos.loss_sum, reduce_op="mean") if W > 1 else pos.loss_sum
-                    avg, ips = loss_sum.item() / pos.loss_n, rate.read()  # the epoch's mean loss so far
+                    avg = loss_sum.item() / pos.loss_n  # the epoch's mean loss so far
+                    ips = rate.read()
                     progress.update(task, completed=pos.step_in_epoch, loss=avg, ips=ips)
                     scalars = {"loss": avg, "lr": float(lrs[pos.step - 1]), "img_per_s": ips, "epoch": pos.epoch}
                     rec.step(pos.step, scalars, probe_loss=None if probe_loss is None else float(probe_loss))
