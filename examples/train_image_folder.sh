@@ -9,7 +9,7 @@
 # with one tree, the monitors score the training images themselves. Images of any size: same-size images are
 # decoded once into memory (cached under $PROTOCLR_CACHE, default ~/.cache/protoclr); mixed sizes are decoded batch
 # by batch and the views cropped from the full images.
-# Extra arguments are config overrides (protoclr pretrain --print-config lists every key). Running it again
+# Extra arguments are config overrides (`protoclr pretrain --print-config` lists every key). Running it again
 # continues the run in $OUT_DIR/my_images (default runs/); remove that folder to start over.
 set -euo pipefail
 images=${1:?usage: examples/train_image_folder.sh PATH/TO/IMAGES [key=value ...]}
