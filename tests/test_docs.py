@@ -72,7 +72,7 @@ def _documentation_text(path: Path) -> list[tuple[int, str, bool]]:
 
 def _cut(cmd: str) -> str:
     """A command without what follows it on its line: a comment, a parenthesized remark, the prose after ' / '."""
-    for stop in ("  #", " # ", "  (", " / ", "; ", "`"):
+    for stop in ("  #", " # ", "  (", " / ", "; ", " ;;", "`"):
         cmd = cmd.split(stop)[0]
     if cmd.count(")") > cmd.count("("):  # "(check first: protoclr pretrain ... --dry-run)"
         cmd = cmd[: cmd.index(")")]
