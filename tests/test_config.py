@@ -135,8 +135,7 @@ def test_config_to_loss_options_by_value(name, scale):
     oracle = {k: v for k, v in got.items() if k != "chunk_size"}
     assert value.item() == pytest.approx(float(oracle_loss(z, **oracle)), rel=1e-5)
     if scale == "preset":  # the module form of the preset is the same loss
-        kwargs = {k: getattr(cfg.loss, k) for k in ("temperature", "alpha", "lam", "nu")
-                  if k in LOSSES[name].__init__.__code__.co_varnames}
+        kwargs = {k: getattr(cfg.loss, k) for k in losses.PRESETS[name].params}  # temperature or alpha, not both
         assert LOSSES[name](**kwargs)(*z.unbind(0)).item() == pytest.approx(value.item(), rel=1e-6)
 
 

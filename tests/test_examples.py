@@ -50,9 +50,13 @@ def test_balanced_loss_in_a_plain_pytorch_loop(tmp_path):
     assert "done" in out
 
 
+TINY = ["train.steps=2", "train.batch_size=8", "eval.every=0", "trainer.loggers=[]", "trainer.progress=false",
+        "trainer.precision=32-true", "model.projector_hidden_dim=32", "model.projector_dim=16"]
+
+
 @pytest.fixture(scope="module")
-def image_folder_run(tmp_path_factory):
-    """examples/train_image_folder.sh on 24 random 36x36 PNGs in 2 class folders, 2 steps, then its export."""
+def images_dir(tmp_path_factory) -> Path:
+    """24 random 36x36 PNGs in 2 class folders."""
     from PIL import Image
 
     tmp = tmp_path_factory.mktemp("image_folder")
@@ -64,11 +68,32 @@ def image_folder_run(tmp_path_factory):
             Image.fromarray(pixels).save(tmp / "images" / c / f"{i}.png")
     if not (Path(sys.executable).parent / "protoclr").is_file():
         pytest.skip("the protoclr command is not installed beside this Python (pip install -e .)")
-    out = _run(["bash", str(EXAMPLES / "train_image_folder.sh"), str(tmp / "images"), "train.steps=2",
-                "train.batch_size=8", "eval.every=0", "trainer.loggers=[]", "trainer.progress=false",
-                "trainer.precision=32-true", "model.projector_hidden_dim=32", "model.projector_dim=16"],
+    return tmp / "images"
+
+
+@pytest.fixture(scope="module")
+def image_folder_run(images_dir):
+    """examples/train_image_folder.sh with its GPU setting (model.backbone=resnet18), 2 steps, then its export."""
+    tmp = images_dir.parent
+    out = _run(["bash", str(EXAMPLES / "train_image_folder.sh"), str(images_dir), "model.backbone=resnet18", *TINY],
                tmp, OUT_DIR=str(tmp / "runs"))
     return tmp / "runs" / "my_images", out
+
+
+def test_image_folder_default_is_the_laptop_convnet_exported_as_safetensors(images_dir, tmp_path):
+    pytest.importorskip("safetensors")
+    out = _run(["bash", str(EXAMPLES / "train_image_folder.sh"), str(images_dir), *TINY], tmp_path,
+               OUT_DIR=str(tmp_path / "runs"))
+    run = tmp_path / "runs" / "my_images"
+    encoder, cfg = load_run(run)
+    assert (cfg.model.backbone, cfg.train.epochs, cfg.train.batch_size) == ("convnet", 10, 8)  # 8: TINY's override
+    assert "run saved in" in out and not (run / "backbone_torchvision.pt").exists()
+    from safetensors.torch import load_file
+
+    exported, own = load_file(run / "backbone.safetensors"), encoder.backbone.state_dict()
+    assert exported.keys() == own.keys()
+    for k, v in own.items():
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=0)  # the trained weights, not a fresh convnet
 
 
 def test_pretrain_on_an_image_folder_from_the_cli_then_export(image_folder_run):

@@ -4,6 +4,7 @@ worker and a resume (no duplicated or lost rows)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -301,11 +302,11 @@ def test_tiny_sweep_killed_then_resumed_then_reported(tmp_path, tiny_data):
     from protoclr.report import write_report
 
     md = write_report(out / "runs.db", tmp_path / "report").read_text()
-    for heading in ("## Against the paper", "## Balancing the loss", "## Augmentations and prototype bias",
-                    "## Similarity measure", "## Class balance", "## Bound terms", "## Training curves",
-                    "## Every point"):
+    assert "## Augmentations and prototype bias" not in md  # a study without runs gets no section
+    for heading in ("## The paper's claims", "## Against the paper", "## Balancing the loss", "## Bound terms",
+                    "## Training curves", "## Every point"):
         assert heading in md
-    assert "(n=2)" in md and json.dumps(str(path))[1:-1] in md
+    assert "(n=2)" in md and os.path.relpath(path.resolve(), REPO.resolve()) in md  # the sweep ran from REPO
 
 
 def test_named_override_sets_make_points_that_are_not_a_product(tmp_path):
@@ -344,3 +345,71 @@ def test_registered_specs_store_paths_relative_to_the_working_directory(tmp_path
     assert (spec["base"], spec["source"]) == ("configs/base.yaml", "configs/cpu/tiny.yaml")
     assert (tmp_path / spec["base"]).resolve() == (tmp_path / "configs" / "base.yaml").resolve()
     assert str(tmp_path) not in json.dumps(spec["base"]) + json.dumps(spec["source"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what a person sees while a sweep runs
+
+
+def test_sweep_prints_each_run_as_it_starts_and_ends_then_a_table_and_the_logs(tmp_path, tiny_data):
+    path = _sweep_file(tmp_path, tiny_data, epochs=1, extra={"seeds": 1})  # 2 runs: loss.lam = 1, 2
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "protoclr.cli", "sweep", str(path), "--out", str(out)],
+                          env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    db = ResultsDB(out / "runs.db")
+    specs = S.expand(S.load_sweep_file(path))
+    assert len(specs) == 2
+    for r in specs:
+        start = [ln for ln in lines if ln.split()[:2] == ["start", r.run_id]]
+        assert len(start) == 1, done.stdout
+        assert f"loss.lam={r.point['loss.lam']} seed 0" in start[0]
+        if "(log: " in start[0]:  # absent only for a run that started and ended between two polls
+            log = Path(start[0].split("(log: ")[1].rstrip(")"))
+            assert log.parent == out / "logs" and log.is_file()
+        end = [ln for ln in lines if ln.split()[:2] == ["end", r.run_id]]
+        assert len(end) == 1 and lines.index(end[0]) > lines.index(start[0]), done.stdout
+        fm = db.get_run(r.run_id)["final_metrics"]
+        words = end[0].split()
+        assert float(words[2]) >= 0 and words[3] == "min" and words[4] == "finished"
+        # the printed probes are the database's (as percentages with two decimals)
+        assert float(words[words.index("linear") + 1].rstrip("%")) == round(100 * fm["eval_linear_top1"], 2)
+        assert float(words[words.index("kNN") + 1].rstrip("%")) == round(100 * fm["eval_knn_top1"], 2)
+        row = [ln for ln in lines if ln.split()[:1] == [r.run_id]]  # the closing table
+        assert len(row) == 1 and row[0].split()[1] == "finished"
+        assert row[0].split()[-2:] == [f"{fm['eval_linear_top1']:.2%}", f"{fm['eval_knn_top1']:.2%}"]
+    assert sum("(log: " in ln for ln in lines if ln.split()[:1] == ["start"]) >= 1, done.stdout
+    assert "done: 2 finished" in done.stdout
+    assert f"worker logs: {out / 'logs'}/" in done.stdout
+
+
+def test_progress_names_a_failure_and_its_log(tmp_path):
+    db_path = S.init_db(tmp_path / "runs.db")
+    sweep = S.Sweep(name="f", base=None, grid={"loss.lam": [1, 2]}, seeds=1)
+    specs = S.expand(sweep)
+    S.register(db_path, sweep, specs, command="protoclr sweep f")
+    ok, bad = (r.run_id for r in specs)
+    db = ResultsDB(db_path)
+    for rid in (ok, bad):
+        db.start_run(rid, config={}, run_dir=tmp_path / rid)
+    db.finish_run(ok, "finished", {"eval_linear_top1": 0.61234, "eval_knn_top1": 0.5})
+    db.finish_run(bad, "failed", {}, message="RuntimeError: out of memory\n  at step 3")
+
+    def state(rid, st, pid):
+        return {"state": st, "pid": pid, "message": None, "status": None}
+
+    buf = io.StringIO()
+    progress = S.Progress(specs, db_path, {ok: state(ok, "pending", None), bad: state(bad, "pending", None)}, out=buf)
+    logs = {11: tmp_path / "logs/worker-1-0.log", 12: tmp_path / "logs/worker-1-1.log"}
+    progress({ok: state(ok, "pending", 11), bad: state(bad, "pending", 12)}, logs)
+    progress({ok: state(ok, "done", None), bad: state(bad, "failed", None)}, logs)
+    progress({ok: state(ok, "done", None), bad: state(bad, "failed", None)}, logs)  # nothing printed twice
+    progress.table({ok: state(ok, "done", None), bad: state(bad, "failed", None)})
+    text = buf.getvalue()
+    assert text.count(f"start  {ok}  loss.lam=1 seed 0  (log: {logs[11]})") == 1
+    assert text.count(f"end    {ok}") == 1 and "finished  linear 61.23%  kNN 50.00%" in text
+    assert f"failed: RuntimeError: out of memory at step 3  (log: {logs[12]})" in text
+    table = text.splitlines()[-2:]
+    assert table[0].split()[:2] == [ok, "finished"] and table[0].split()[-2:] == ["61.23%", "50.00%"]
+    assert table[1].split()[:2] == [bad, "failed"] and table[1].split()[-2:] == ["-", "-"]

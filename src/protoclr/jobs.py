@@ -96,10 +96,15 @@ def worker_loop(db_path: Path, ids: list[str], execute: Callable[[Path, str], st
 
 
 def run_local(db_path: Path, ids: list[str], *, workers: int, retry_failed: bool, log_dir: Path,
-              worker_cmd: list[str]) -> None:
+              worker_cmd: list[str], watch: Callable[[dict[str, dict[str, Any]], dict[int, Path]], None] | None = None
+              ) -> None:
     """``workers`` processes ``worker_cmd + [db_path, plan]`` (each running :func:`worker_loop` over the runs
     listed in ``plan``); a worker that dies is replaced (its run is taken over through the stale claim) while
-    claimable runs remain. Threads are split evenly: ``PROTOCLR_THREADS`` and ``OMP_NUM_THREADS`` per worker."""
+    claimable runs remain. Threads are split evenly: ``PROTOCLR_THREADS`` and ``OMP_NUM_THREADS`` per worker.
+
+    ``watch(states, logs)`` is called every half second and once after the last worker ends, with
+    :func:`states` of ``ids`` and each worker's log file by pid (a claim's ``pid`` names its worker): the parent
+    follows the runs through the queue, the workers need no other channel."""
     log_dir.mkdir(parents=True, exist_ok=True)
     plan = log_dir / f"plan-{os.getpid()}.json"
     atomic.write_text(plan, json.dumps(ids))
@@ -107,13 +112,15 @@ def run_local(db_path: Path, ids: list[str], *, workers: int, retry_failed: bool
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PROTOCLR_THREADS": str(threads)}
     cmd = [*worker_cmd, str(db_path), str(plan), *(["--retry-failed"] if retry_failed else [])]
     procs: dict[int, subprocess.Popen] = {}
+    logs: dict[int, Path] = {}
     started = 0
 
     def spawn() -> None:
         nonlocal started
-        with open(log_dir / f"worker-{os.getpid()}-{started}.log", "ab") as log:
+        path = log_dir / f"worker-{os.getpid()}-{started}.log"
+        with open(path, "ab") as log:
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        procs[p.pid] = p
+        procs[p.pid], logs[p.pid] = p, path
         started += 1
 
     for _ in range(min(workers, len(ids))):
@@ -121,6 +128,8 @@ def run_local(db_path: Path, ids: list[str], *, workers: int, retry_failed: bool
     try:
         while procs:
             time.sleep(0.5)
+            if watch is not None:
+                watch(states(db_path, ids), logs)
             for pid, p in list(procs.items()):
                 if p.poll() is None:
                     continue
@@ -130,6 +139,8 @@ def run_local(db_path: Path, ids: list[str], *, workers: int, retry_failed: bool
                     left = [r for r, s in states(db_path, ids).items() if s["state"] == "pending" and not s["alive"]]
                     if left and started < len(ids) * MAX_ATTEMPTS + workers:
                         spawn()
+        if watch is not None:
+            watch(states(db_path, ids), logs)
     except KeyboardInterrupt:
         for p in procs.values():
             p.terminate()

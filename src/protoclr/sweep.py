@@ -404,6 +404,88 @@ def _print_plan(specs: list[RunSpec], states: dict[str, dict[str, Any]]) -> None
         print(f"  {r.run_id:<60} {state:<8} {status:<12} {' '.join(r.overrides[-len(r.point) - 1:])}")
 
 
+class Progress:
+    """What a person follows while local workers run a sweep: a line as each run starts (its point, seed and
+    worker log) and ends (minutes, the headline probes or the failure), then :meth:`table` of every run. Called by
+    ``jobs.run_local`` with the queue's states, so the parent prints it and the workers need no other channel."""
+
+    HEADLINE = ((M.EVAL_LINEAR, "linear"), (M.EVAL_KNN, "kNN"))
+
+    def __init__(self, specs: list[RunSpec], db_path: Path, states: dict[str, dict[str, Any]], *, out=None):
+        self.specs = {r.run_id: r for r in specs}
+        self.db = ResultsDB(db_path)
+        self.before = {rid: s["state"] for rid, s in states.items()}  # the queue as this command found it
+        self.holder: dict[str, int] = {}  # run -> the worker pid seen holding its claim
+        self.began: dict[str, float] = {}
+        self.minutes: dict[str, float] = {}
+        self.out = out or sys.stdout
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    def where(self, rid: str) -> str:
+        r = self.specs[rid]
+        return " ".join([*(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in r.point.items()),
+                         f"seed {r.seed}"])
+
+    def headline(self, rid: str) -> dict[str, float | None]:
+        """label -> the run's final probe (on the last good checkpoint for a diverged run), None if missing."""
+        fm = self.db.get_run(rid)["final_metrics"] or {}
+        return {label: fm.get(key, fm.get(M.last_good(key))) for key, label in self.HEADLINE}
+
+    def outcome(self, rid: str, state: dict[str, Any]) -> str:
+        try:
+            row = self.db.get_run(rid)
+        except KeyError:
+            row = {"status": "failed", "message": None}
+        if state["state"] == "failed" or row["status"] == "failed":
+            msg = " ".join(str(row.get("message") or state.get("message") or "no message").split())
+            return f"failed: {msg[:200]}"
+        scores = "  ".join(f"{label} {v:.2%}" for label, v in self.headline(rid).items() if v is not None)
+        return f"{row['status']}  {scores}".rstrip()
+
+    def __call__(self, states: dict[str, dict[str, Any]], logs: dict[int, Path]) -> None:
+        for rid, s in states.items():
+            pid = s["pid"]
+            if s["state"] == "pending" and pid is not None and self.holder.get(rid) != pid:
+                verb = "resume" if rid in self.holder else "start "
+                self.holder[rid] = pid
+                self.began.setdefault(rid, time.time())
+                self._print(f"  {verb} {rid}  {self.where(rid)}  (log: {logs.get(pid, '?')})")
+            elif (s["state"] in ("done", "failed") and rid not in self.minutes
+                  and (rid in self.holder or s["state"] != self.before.get(rid))):
+                if rid in self.began:
+                    self.minutes[rid] = (time.time() - self.began[rid]) / 60
+                else:  # started and ended between two polls: its start line now, its time from its own record
+                    self._print(f"  start  {rid}  {self.where(rid)}")
+                    try:
+                        row = self.db.get_run(rid)
+                        self.minutes[rid] = (row["updated"] - row["created"]) / 60
+                    except KeyError:  # its worker died before the run began
+                        self.minutes[rid] = 0.0
+                log = f"  (log: {logs[self.holder[rid]]})" if s["state"] == "failed" and rid in self.holder else ""
+                self._print(f"  end    {rid}  {self.minutes[rid]:.1f} min  {self.outcome(rid, s)}{log}")
+
+    def table(self, states: dict[str, dict[str, Any]]) -> None:
+        """Every run of the sweep: id, status, minutes (this command's runs), the headline probes."""
+        width = max(len(rid) for rid in states)
+        labels = "  ".join(f"{lb:>7}" for _, lb in self.HEADLINE)
+        self._print(f"  {'run':<{width}}  {'status':<18} {'min':>5}  {labels}")
+        for rid, s in states.items():
+            try:
+                status = self.db.get_run(rid)["status"]
+                scores = self.headline(rid)
+            except KeyError:
+                status, scores = "not started", {}
+            status = s["state"] if s["state"] != "done" else status
+            if rid not in self.minutes and s["state"] == "done":
+                status += " (before)"
+            minutes = f"{self.minutes[rid]:.1f}" if rid in self.minutes else "-"
+            cells = "  ".join(f"{scores[lb]:>7.2%}" if scores.get(lb) is not None else f"{'-':>7}"
+                              for _, lb in self.HEADLINE)
+            self._print(f"  {rid:<{width}}  {status:<18} {minutes:>5}  {cells}")
+
+
 def cli_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.merge:
@@ -456,14 +538,17 @@ def cli_main(argv: list[str]) -> int:
         print(f"wrote {len(scripts)} sbatch scripts to {out / 'slurm'}; submit with `bash "
               f"{out / 'slurm' / 'submit_all.sh'}`, then `protoclr sweep --merge {out}`")
         return 0
+    progress = Progress(specs, db_path, jobs.states(db_path, ids))
     jobs.run_local(db_path, ids, workers=args.workers, retry_failed=args.retry_failed, log_dir=out / "logs",
-                   worker_cmd=[sys.executable, "-m", "protoclr.sweep", "_worker"])
+                   worker_cmd=[sys.executable, "-m", "protoclr.sweep", "_worker"], watch=progress)
     states = jobs.states(db_path, ids)
     counts: dict[str, int] = {}
     for s in states.values():
         key = s["status"] if s["state"] == "done" else s["state"]
         counts[key] = counts.get(key, 0) + 1
     print("done: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    progress.table(states)
+    print(f"worker logs: {out / 'logs'}/ (one file per worker process); results: {db_path}")
     failed = [rid for rid, s in states.items() if s["state"] == "failed"]
     for rid in failed:
         print(f"  failed: {rid}: {states[rid].get('message')}", file=sys.stderr)
@@ -494,8 +579,8 @@ def _internal_main(argv: list[str]) -> int:
     raise SystemExit(f"unknown internal command {argv[0]!r}")
 
 
-__all__ = ["STUDIES", "RunSpec", "Sweep", "SweepError", "check_sweep", "cli_main", "execute_run", "expand", "init_db",
-           "load_sweep_file", "parse_grid_arg", "register", "run_id"]
+__all__ = ["STUDIES", "Progress", "RunSpec", "Sweep", "SweepError", "check_sweep", "cli_main", "execute_run", "expand",
+           "init_db", "load_sweep_file", "parse_grid_arg", "register", "run_id"]
 
 if __name__ == "__main__":
     sys.exit(_internal_main(sys.argv[1:]))
