@@ -323,3 +323,16 @@ def test_within_run_claims_read_last_minus_step_0_over_finished_runs_only(tmp_pa
     assert res["repulsion_larger"].test.mean == pytest.approx(0.5 - sum(g[-1] for g in curves.values()) / 3)
 
 
+
+
+def test_the_papers_figures_live_in_one_table_that_claims_and_report_read():
+    """Every number a claim's paper column prints is a figure of claims.PAPER (no second copy to drift), and the
+    report's paper table is that same object."""
+    import re
+
+    figures = {f"{row[k]:.2f}" for row in C.PAPER for k in ("acc", "bias") if row.get(k) is not None}
+    for claim in C.CLAIMS:
+        for number in re.findall(r"\d+\.\d\d", claim.paper):
+            assert number in figures, (claim.id, number)
+    assert R.PAPER is C.PAPER
+    assert C.fig("no_color") == "62.56" and C.fig("rotation", "bias") == "38.11"  # the paper's table, by hand

@@ -204,6 +204,63 @@ def _mods(*names: str) -> Callable[[dict[str, Any]], bool]:
     return lambda c: list(c["data"]["view_modifiers"]) == list(names)
 
 
+def _similarity(name: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda c: c["loss"]["similarity"] == name
+
+
+def _profile(name: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda c: c["data"].get("class_profile") == name
+
+
+def _loss(name: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda c: c["loss"]["name"] == name
+
+
+# The paper's results, the one table of its figures (the claims below and protoclr.report read it): top-1
+# linear accuracy (%), ResNet-50 on ImageNet for 100 epochs at batch 512 unless the dataset says otherwise.
+# ``select`` picks this setting's runs from a run's config; ``best`` rows take the grid point with the highest mean.
+PAPER: list[dict[str, Any]] = [
+    dict(id="baseline", study="augmentation", setting="SimCLR augmentations (baseline)", dataset="ImageNet",
+         acc=65.98, bias=36.72, select=_mods()),
+    dict(id="no_blur", study="augmentation", setting="no Gaussian blur", dataset="ImageNet", acc=64.57, bias=37.43,
+         select=_mods("no_blur")),
+    dict(id="rotation", study="augmentation", setting="add random rotation", dataset="ImageNet", acc=63.30,
+         bias=38.11, select=_mods("add_rotation")),
+    dict(id="no_color", study="augmentation", setting="no color distortion", dataset="ImageNet", acc=62.56, bias=None,
+         select=_mods("no_color")),
+    dict(id="cutout", study="augmentation", setting="add random cutout", dataset="ImageNet", acc=65.76, bias=None,
+         select=_mods("add_cutout")),
+    dict(id="cosine", study="similarity", setting="cosine + normalization", dataset="ImageNet", acc=65.98,
+         select=_similarity("cosine")),
+    dict(id="dot", study="similarity", setting="dot product (no normalization: our reading)", dataset="ImageNet",
+         acc=0.43, select=_similarity("dot")),
+    dict(id="neg_euclidean", study="similarity", setting="negative Euclidean distance (no normalization: our "
+         "reading)", dataset="ImageNet", acc=10.63, select=_similarity("neg_euclidean")),
+    dict(id="uniform", study="class_balance", setting="uniform class distribution",
+         dataset="ImageNet-LT budget (our reading)", acc=20.82, select=_profile("uniform")),
+    dict(id="longtail", study="class_balance", setting="long-tailed (ImageNet-LT)", dataset="ImageNet-LT", acc=13.65,
+         select=lambda c: _profile("longtail")(c) or c["data"]["dataset"] == "imagenet_lt"),
+    dict(id="balanced_imagenet", study="loss_balance", setting="balanced loss, best (paper: alpha=4, lam=2)",
+         dataset="ImageNet", acc=67.40, best=True, select=_loss("balanced")),
+    dict(id="generalized_imagenet", study="loss_balance", setting="generalized NT-Xent, best (point not stated)",
+         dataset="ImageNet", acc=66.85, best=True, select=_loss("generalized_nt_xent")),
+    dict(id="nt_xent", study="loss_balance", setting="standard NT-Xent (alpha=2: our reading; lam=1)",
+         dataset="ImageNet", acc=65.98,
+         select=lambda c: c["loss"]["name"] == "nt_xent" or (c["loss"]["name"] == "generalized_nt_xent"
+                                                             and c["loss"]["alpha"] == 2 and c["loss"]["lam"] == 1)),
+    dict(id="balanced_cifar10", study="loss_balance", setting="balanced loss, best (paper: alpha=1, lam=4)",
+         dataset="CIFAR-10", acc=86.08, best=True, select=_loss("balanced")),
+    dict(id="generalized_cifar10", study="loss_balance", setting="generalized NT-Xent, best (point not stated)",
+         dataset="CIFAR-10", acc=85.85, best=True, select=_loss("generalized_nt_xent")),
+]
+_FIG = {row["id"]: row for row in PAPER}
+
+
+def fig(row: str, what: str = "acc") -> str:
+    """A figure of :data:`PAPER` as the paper prints it (``fig("no_color")`` -> ``"62.56"``)."""
+    return f"{_FIG[row][what]:.2f}"
+
+
 def _gap_sup(r: dict[str, Any]) -> float | None:
     """The supervised reading of the attraction bound: the supervised attraction term minus its self-supervised
     bound (sup - ssl)."""
@@ -243,42 +300,50 @@ class Claim:
 
 CLAIMS: list[Claim] = [
     Claim("balance", "balancing the loss (lam > 1) beats the unbalanced loss (lam = 1) at the same alpha",
-          "best points have lam > 1: ImageNet alpha=4 lam=2 (67.40), CIFAR-10 alpha=1 lam=4 (86.08); the same-alpha "
-          "test is ours", EVAL_LINEAR,
+          f"best points have lam > 1: ImageNet alpha=4 lam=2 ({fig('balanced_imagenet')}), CIFAR-10 alpha=1 lam=4 "
+          f"({fig('balanced_cifar10')}); the same-alpha test is ours", EVAL_LINEAR,
           scale=100, unit="points", treatment=("loss.lam",), arms="balanced lam=2 vs lam=1",
           a=lambda c: c["loss"]["name"] == "balanced" and c["loss"]["lam"] > 1,
           b=lambda c: c["loss"]["name"] == "balanced" and c["loss"]["lam"] == 1),
     Claim("balanced_vs_ntxent", "the balanced loss beats generalized NT-Xent at the same alpha, lam and loss scale",
-          "67.40 vs 66.85 (ImageNet best points), 86.08 vs 85.85 (CIFAR-10); the matched scale is our control",
+          f"{fig('balanced_imagenet')} vs {fig('generalized_imagenet')} (ImageNet best points), "
+          f"{fig('balanced_cifar10')} vs {fig('generalized_cifar10')} (CIFAR-10); the matched scale is our control",
           EVAL_LINEAR, scale=100, unit="points", treatment=("loss.name", "loss.scale"),
           arms="balanced vs generalized NT-Xent x 1/alpha",
           a=lambda c: c["loss"]["name"] == "balanced" and c["loss"]["scale"] == "preset",
           b=lambda c: c["loss"]["name"] == "generalized_nt_xent" and c["loss"]["scale"] == "inverse_alpha"),
-    Claim("cosine_vs_dot", "cosine similarity beats the unnormalized dot product", "65.98 vs 0.43 (ImageNet)",
-          EVAL_LINEAR, scale=100, unit="points", treatment=("loss.similarity",), last_good=True,
+    Claim("cosine_vs_dot", "cosine similarity beats the unnormalized dot product",
+          f"{fig('cosine')} vs {fig('dot')} (ImageNet)", EVAL_LINEAR,
+          scale=100, unit="points", treatment=("loss.similarity",), last_good=True,
           arms="cosine vs dot (last good checkpoint)",
-          a=lambda c: c["loss"]["similarity"] == "cosine", b=lambda c: c["loss"]["similarity"] == "dot"),
-    Claim("cosine_vs_euclidean", "cosine similarity beats negative Euclidean distance", "65.98 vs 10.63 (ImageNet)",
-          EVAL_LINEAR, scale=100, unit="points", treatment=("loss.similarity",), last_good=True,
+          a=_similarity("cosine"), b=_similarity("dot")),
+    Claim("cosine_vs_euclidean", "cosine similarity beats negative Euclidean distance",
+          f"{fig('cosine')} vs {fig('neg_euclidean')} (ImageNet)", EVAL_LINEAR,
+          scale=100, unit="points", treatment=("loss.similarity",), last_good=True,
           arms="cosine vs neg. Euclidean",
-          a=lambda c: c["loss"]["similarity"] == "cosine", b=lambda c: c["loss"]["similarity"] == "neg_euclidean"),
-    Claim("no_color", "removing colour distortion lowers accuracy", "62.56 vs 65.98 (ImageNet)", EVAL_LINEAR,
-          sign=-1, scale=100, unit="points", treatment=("data.view_modifiers",), arms="no colour vs baseline views",
+          a=_similarity("cosine"), b=_similarity("neg_euclidean")),
+    Claim("no_color", "removing colour distortion lowers accuracy",
+          f"{fig('no_color')} vs {fig('baseline')} (ImageNet)", EVAL_LINEAR, sign=-1,
+          scale=100, unit="points", treatment=("data.view_modifiers",), arms="no colour vs baseline views",
           a=_mods("no_color"), b=_mods()),
-    Claim("rotation", "adding random rotation lowers accuracy", "63.30 vs 65.98 (ImageNet)", EVAL_LINEAR, sign=-1,
+    Claim("rotation", "adding random rotation lowers accuracy",
+          f"{fig('rotation')} vs {fig('baseline')} (ImageNet)", EVAL_LINEAR, sign=-1,
           scale=100, unit="points", treatment=("data.view_modifiers",), arms="+ rotation vs baseline views",
           a=_mods("add_rotation"), b=_mods()),
-    Claim("cutout", "adding random cutout changes accuracy by less than 1 point", "65.76 vs 65.98 (ImageNet)",
-          EVAL_LINEAR, sign=0, margin=1.0, scale=100, unit="points", treatment=("data.view_modifiers",),
+    Claim("cutout", "adding random cutout changes accuracy by less than 1 point",
+          f"{fig('cutout')} vs {fig('baseline')} (ImageNet)", EVAL_LINEAR, sign=0, margin=1.0,
+          scale=100, unit="points", treatment=("data.view_modifiers",),
           arms="+ cutout vs baseline views", a=_mods("add_cutout"), b=_mods()),
     Claim("rotation_bias", "adding rotation raises the prototype bias (debiased for the view variance)",
-          "bias 38.11 vs 36.72 (ImageNet; unit not stated)", BIAS_DEBIASED, scale=1, unit="degrees",
+          f"bias {fig('rotation', 'bias')} vs {fig('baseline', 'bias')} (ImageNet; unit not stated)", BIAS_DEBIASED,
+          scale=1, unit="degrees",
           treatment=("data.view_modifiers",), arms="+ rotation vs baseline views",
           a=_mods("add_rotation"), b=_mods()),
     Claim("class_balance", "a uniform class distribution beats a long tail of the same size",
-          "20.82 vs 13.65 (ImageNet-LT; the equal image budget is our reading)", EVAL_LINEAR, scale=100, unit="points",
+          f"{fig('uniform')} vs {fig('longtail')} (ImageNet-LT; the equal image budget is our reading)", EVAL_LINEAR,
+          scale=100, unit="points",
           treatment=("data.class_profile",), arms="uniform vs long tail, same image budget",
-          a=lambda c: c["data"]["class_profile"] == "uniform", b=lambda c: c["data"]["class_profile"] == "longtail"),
+          a=_profile("uniform"), b=_profile("longtail")),
     Claim("attraction_slack", "the attraction gap shrinks during training (Jensen slack: ssl - surrogate)",
           "shrinks, then stabilizes", ATTRACTION_GAP, kind="change", sign=-1, unit="similarity",
           arms="last record - step 0", a=_baseline_losses),
@@ -414,6 +479,6 @@ def answer(groups: list[Any], claims: list[Claim] | None = None) -> list[ClaimRe
     return results
 
 
-__all__ = ["CLAIMS", "FAMILY_ALPHA", "NOT_A_TREATMENT", "NOT_TESTED", "RESULT_STATUSES", "Claim", "ClaimResult",
-           "Test", "answer", "claim_units", "holm", "mde", "paired_test", "sig3", "t_cdf", "t_ppf", "t_test_power",
-           "verdict"]
+__all__ = ["CLAIMS", "FAMILY_ALPHA", "NOT_A_TREATMENT", "NOT_TESTED", "PAPER", "RESULT_STATUSES", "Claim",
+           "ClaimResult", "Test", "answer", "claim_units", "fig", "holm", "mde", "paired_test", "sig3", "t_cdf",
+           "t_ppf", "t_test_power", "verdict"]

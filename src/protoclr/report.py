@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from protoclr import atomic
-from protoclr.claims import FAMILY_ALPHA, MIN_N, NOT_TESTED, POWER, RESULT_STATUSES, answer, sig3
+from protoclr.claims import FAMILY_ALPHA, MIN_N, NOT_TESTED, PAPER, POWER, RESULT_STATUSES, answer, sig3
 from protoclr.measure import (
     ATTRACTION_GAP,
     ATTRACTION_SSL,
@@ -47,46 +47,6 @@ from protoclr.measure import (
 from protoclr.runs import RunDir, read_all
 
 ACC = EVAL_LINEAR
-
-# The paper's results: top-1 linear accuracy (%), ResNet-50 on ImageNet for 100 epochs at batch 512 unless
-# the dataset says otherwise. ``select`` picks this setting's runs from a run's config; ``best`` rows take the
-# grid point with the highest mean accuracy among the selected runs.
-PAPER: list[dict[str, Any]] = [
-    dict(study="augmentation", setting="SimCLR augmentations (baseline)", dataset="ImageNet", acc=65.98, bias=36.72,
-         select=lambda c: c["data"]["view_modifiers"] == []),
-    dict(study="augmentation", setting="no Gaussian blur", dataset="ImageNet", acc=64.57, bias=37.43,
-         select=lambda c: c["data"]["view_modifiers"] == ["no_blur"]),
-    dict(study="augmentation", setting="add random rotation", dataset="ImageNet", acc=63.30, bias=38.11,
-         select=lambda c: c["data"]["view_modifiers"] == ["add_rotation"]),
-    dict(study="augmentation", setting="no color distortion", dataset="ImageNet", acc=62.56, bias=None,
-         select=lambda c: c["data"]["view_modifiers"] == ["no_color"]),
-    dict(study="augmentation", setting="add random cutout", dataset="ImageNet", acc=65.76, bias=None,
-         select=lambda c: c["data"]["view_modifiers"] == ["add_cutout"]),
-    dict(study="similarity", setting="cosine + normalization", dataset="ImageNet", acc=65.98,
-         select=lambda c: c["loss"]["similarity"] == "cosine"),
-    dict(study="similarity", setting="dot product (no normalization: our reading)", dataset="ImageNet", acc=0.43,
-         select=lambda c: c["loss"]["similarity"] == "dot"),
-    dict(study="similarity", setting="negative Euclidean distance (no normalization: our reading)", dataset="ImageNet",
-         acc=10.63,
-         select=lambda c: c["loss"]["similarity"] == "neg_euclidean"),
-    dict(study="class_balance", setting="uniform class distribution", dataset="ImageNet-LT budget (our reading)",
-         acc=20.82,
-         select=lambda c: c["data"].get("class_profile") == "uniform"),
-    dict(study="class_balance", setting="long-tailed (ImageNet-LT)", dataset="ImageNet-LT", acc=13.65,
-         select=lambda c: c["data"].get("class_profile") == "longtail" or c["data"]["dataset"] == "imagenet_lt"),
-    dict(study="loss_balance", setting="balanced loss, best (paper: alpha=4, lam=2)", dataset="ImageNet", acc=67.40,
-         best=True, select=lambda c: c["loss"]["name"] == "balanced"),
-    dict(study="loss_balance", setting="generalized NT-Xent, best (point not stated)", dataset="ImageNet",
-         acc=66.85, best=True, select=lambda c: c["loss"]["name"] == "generalized_nt_xent"),
-    dict(study="loss_balance", setting="standard NT-Xent (alpha=2: our reading; lam=1)", dataset="ImageNet", acc=65.98,
-         select=lambda c: c["loss"]["name"] == "nt_xent" or (c["loss"]["name"] == "generalized_nt_xent"
-                                                             and c["loss"]["alpha"] == 2 and c["loss"]["lam"] == 1)),
-    dict(study="loss_balance", setting="balanced loss, best (paper: alpha=1, lam=4)", dataset="CIFAR-10", acc=86.08,
-         best=True, select=lambda c: c["loss"]["name"] == "balanced"),
-    dict(study="loss_balance", setting="generalized NT-Xent, best (point not stated)", dataset="CIFAR-10",
-         acc=85.85, best=True, select=lambda c: c["loss"]["name"] == "generalized_nt_xent"),
-]
-
 
 # ----------------------------------------------------------------------------------------------------------
 # loading and statistics
