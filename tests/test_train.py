@@ -209,7 +209,7 @@ def test_resume_is_bit_identical(full_run, tmp_path, monkeypatch):
     assert all(math.isfinite(e.pop("callback_norm")) for e in eb[1:])  # the callback's scalars joined each epoch
     assert ea == eb  # identical per-epoch metrics, including the epoch that was interrupted
     # a run cannot be resumed under a different recipe
-    with pytest.raises(ValueError, match=r"optim\.base_lr"):
+    with pytest.raises(ValueError, match=r"optim\.base_lr: 0\.3 at the start, 1\.0 now"):
         pretrain(tiny(out, "train.run_name=part", "optim.base_lr=1.0"))
 
 
@@ -646,3 +646,32 @@ def test_the_readme_train_from_python_block_runs(tmp_path, monkeypatch, capsys, 
     (epoch,) = [r for r in epochs if r["kind"] == "epoch"]
     assert epoch["weight_norm"] > 0 and "knn_top1" in epoch
     assert namespace["cfg"].train.out_dir == str(tmp_path)
+
+
+def test_ctrl_c_says_the_step_saved_and_the_exact_resume_command(full_run, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at the 6th step (checkpoints after steps 3 and 4, the epoch end): the run says where it stopped, the
+    step its checkpoint resumes from and the command that resumes it; that command ends with the uninterrupted
+    run's weights."""
+    import shlex
+
+    import protoclr.views as V
+    from protoclr.train import cli_main
+
+    make = V.TrainViews.make
+
+    def interrupted(self, images, **kw):
+        if kw["step"] == 5:
+            raise KeyboardInterrupt
+        return make(self, images, **kw)
+
+    monkeypatch.setattr(V.TrainViews, "make", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny(tmp_path, "train.run_name=stopped", "train.checkpoint_every=3"))
+    run = tmp_path / "stopped"
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("interrupted"))
+    assert line == f"interrupted at step 5; the checkpoint saved at step 4 resumes it: protoclr pretrain --resume {run}"
+    assert ckpt.load(run / "checkpoint.pt")["step"] == 4
+    monkeypatch.setattr(V.TrainViews, "make", make)
+    assert cli_main(shlex.split(line.split(": ", 1)[1])[2:]) == 0  # the printed command, as typed
+    a, b = weights(full_run), weights(run)
+    assert all(torch.equal(a[g][k], b[g][k]) for g in a for k in a[g])

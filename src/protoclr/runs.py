@@ -125,12 +125,14 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
     for key in RESUME_FIXED:
         sec, _, name = key.partition(".")
         if name:
-            diffs += [key] if saved[sec][name] != current[sec][name] else []
+            diffs += [(key, saved[sec][name], current[sec][name])] if saved[sec][name] != current[sec][name] else []
         else:
-            diffs += [f"{sec}.{k}" for k in saved[sec] if saved[sec][k] != current[sec].get(k)]
+            diffs += [(f"{sec}.{k}", saved[sec][k], current[sec].get(k)) for k in saved[sec]
+                      if saved[sec][k] != current[sec].get(k)]
     if diffs:
-        raise ConfigError(f"cannot resume: the run was started with different values of {', '.join(diffs)}; "
-                          "use a new train.run_name or the run's own config.yaml")
+        what = "; ".join(f"{key}: {old!r} at the start, {new!r} now" for key, old, new in diffs)
+        raise ConfigError(f"cannot resume: the run was started with other values ({what}); use a new "
+                          "train.run_name or the run's own config.yaml")
 
 
 def write_run_files(run_dir: Path, *, config_yaml: str, meta: dict[str, Any]) -> None:

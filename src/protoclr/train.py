@@ -369,7 +369,10 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     rec.skipped(list(dict.fromkeys([*getattr(train, "skipped", []), *getattr(test, "skipped", [])])),
                 where=cfg.data.root or cfg.data.dataset)
 
+    saved_at = [pos.step if state is not None else None]  # the step the checkpoint on disk resumes from
+
     def save() -> None:  # the state before the next step (rank 0 writes, atomically)
+        saved_at[0] = pos.step
         if not dry_run and rank == 0:
             checkpoint.atomic_save({
                 **learner.state_dict(), "precision": fabric.strategy.precision.state_dict(),
@@ -425,7 +428,10 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
 
     progress = _progress(enabled=cfg.trainer.progress and rank == 0 and not dry_run)
     epoch_metrics: dict[str, Any] = {}
-    with _recording_failures(rec, lambda: epoch_metrics), progress:
+    resume = f"protoclr pretrain --resume {run_dir}"
+    with _recording_failures(rec, lambda: epoch_metrics, on_interrupt=lambda: fabric.print(
+            f"interrupted at step {pos.step}; the checkpoint saved at step {saved_at[0]} resumes it: {resume}")), \
+            progress:
         while pos.epoch < num_epochs and pos.step < max_steps:
             stop = min(steps_per_epoch, total_steps - pos.epoch * steps_per_epoch)  # steps in this epoch
             task = progress.add_task("", total=stop, completed=pos.step_in_epoch, epoch=pos.epoch, loss=0, ips=0)
@@ -497,13 +503,16 @@ def _zero_grad(*optimizers: Any) -> None:
 
 
 @contextlib.contextmanager
-def _recording_failures(rec: runs.Recorder, last_metrics: Callable[[], dict[str, Any]]):
+def _recording_failures(rec: runs.Recorder, last_metrics: Callable[[], dict[str, Any]], *,
+                        on_interrupt: Callable[[], Any] = lambda: None):
     """The run's status in runs.db when the loop is left by an exception: ``interrupted`` (Ctrl-C; the last
-    checkpoint resumes it) or ``failed``, with the last epoch's metrics; a divergence has recorded itself."""
+    checkpoint resumes it, ``on_interrupt`` says how) or ``failed``, with the last epoch's metrics; a divergence
+    has recorded itself."""
     try:
         yield
     except KeyboardInterrupt:
         rec.finish("interrupted", last_metrics(), "interrupted by the user; the last checkpoint resumes it")
+        on_interrupt()
         raise
     except TrainingDiverged:
         raise
