@@ -675,3 +675,17 @@ def test_ctrl_c_says_the_step_saved_and_the_exact_resume_command(full_run, tmp_p
     assert cli_main(shlex.split(line.split(": ", 1)[1])[2:]) == 0  # the printed command, as typed
     a, b = weights(full_run), weights(run)
     assert all(torch.equal(a[g][k], b[g][k]) for g in a for k in a[g])
+
+
+def test_an_epoch_line_shows_the_headline_keys_and_says_where_the_rest_are(tmp_path, capsys):
+    from protoclr.measure import CONSOLE
+
+    run = pretrain(tiny(tmp_path, "train.run_name=lines", "eval.diagnostics=true", "eval.diag_images=100",
+                        "eval.diag_views=2", "train.epochs=1"))
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 0 |")]
+    record = next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                  if r.pop("kind") == "epoch" and r["epoch"] == 0)
+    shown = [part.split(" ")[0] for part in lines[0].split(" | ")[:-1]]
+    assert shown == [k for k in record if k in CONSOLE] and "diag_attraction_gap" in shown
+    assert lines[0].endswith(f" | +{len(record) - len(shown)} more in metrics.jsonl") and len(record) > 20
+    assert len(lines[0]) < 300  # was about 1,800 characters with diagnostics on

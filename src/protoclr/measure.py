@@ -76,6 +76,8 @@ REPULSION_GAP = "diag_repulsion_gap"  # self-supervised minus supervised repulsi
 REPULSION_GAP_NU1 = "diag_repulsion_gap/alpha{alpha:g}_nu1"  # the same at nu = 1 (format with the alpha)
 NU1_VIOLATES = "diag_nu1_violates"  # 1 when nu = 1 exceeds the smallest prototype norm (the bound's assumption fails)
 VIOLATIONS = "diag_violations"
+# the keys an epoch's console line shows (the rest go to metrics.jsonl, runs.db and the loggers)
+CONSOLE = ("epoch", "step", "loss", "lr", "skips", KNN, PROBE, BIAS, ATTRACTION_GAP, REPULSION_GAP)
 # the rest of headline's keys
 BIAS_COSINE, BIAS_EUCLIDEAN = "diag_bias_cosine", "diag_bias_euclidean"
 ATTRACTION_HOLDS, REPULSION_HOLDS = "diag_attraction_holds", "diag_repulsion_holds"  # share of anchors where it holds

@@ -184,8 +184,9 @@ class Recorder:
 
     def __init__(self, run_dir: Path, cfg: Any, *, enabled: bool, loggers: Sequence[Any] = (),
                  say: Callable[[str], None] = print, meta: dict[str, Any] | None = None,
-                 resume_step: int | None = None, resume_epoch: int = 0):
+                 resume_step: int | None = None, resume_epoch: int = 0, console_keys: Sequence[str] | None = None):
         self.run_dir, self.enabled, self.say = run_dir, enabled, say
+        self.console_keys = console_keys  # what an epoch's console line shows (None: every key)
         self.loggers = list(loggers) if enabled else []
         self.db, self.log = None, None
         if enabled:
@@ -232,7 +233,11 @@ class Recorder:
         self.event({"kind": "epoch", **metrics})
         if self.db is not None:
             self.db.log_epoch(self.run_dir.name, metrics["epoch"], metrics)
-        self.say(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        shown = {k: v for k, v in metrics.items() if self.console_keys is None or k in self.console_keys}
+        line = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+        if len(shown) < len(metrics):
+            line += f" | +{len(metrics) - len(shown)} more in {RunDir(self.run_dir).metrics_file.name}"
+        self.say(line)
 
     def finish(self, status: str, final: dict[str, Any], message: str | None = None) -> None:
         """The run's end: its status and final metrics (the last epoch record) in ``runs.db``; the loggers

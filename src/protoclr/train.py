@@ -49,7 +49,7 @@ import protoclr
 from protoclr import checkpoint, data, runs, splits, targets
 from protoclr.config import Config, ConfigError, DataConfig, load_config
 from protoclr.loggers import LOGGERS
-from protoclr.measure import Monitor
+from protoclr.measure import CONSOLE, Monitor
 from protoclr.models import TIMM_PREFIX, Encoder, build_encoder, timm_input_size
 from protoclr.optim import LARS, build_optimizer
 from protoclr.precision import cpu_has_bf16, resolve_precision
@@ -364,7 +364,8 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     precision = str(fabric._connector._precision_input)
     rec = runs.Recorder(run_dir, cfg, enabled=rank == 0 and not dry_run, loggers=fabric.loggers,
                         say=lambda line: (fabric.print(line), sys.stdout.flush()), resume_epoch=pos.epoch,
-                        resume_step=pos.step if state else None, meta=_meta(W, precision, pos.step if state else None))
+                        resume_step=pos.step if state else None, meta=_meta(W, precision, pos.step if state else None),
+                        console_keys=CONSOLE)
 
     rec.skipped(list(dict.fromkeys([*getattr(train, "skipped", []), *getattr(test, "skipped", [])])),
                 where=cfg.data.root or cfg.data.dataset)
