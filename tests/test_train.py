@@ -689,3 +689,20 @@ def test_an_epoch_line_shows_the_headline_keys_and_says_where_the_rest_are(tmp_p
     assert shown == [k for k in record if k in CONSOLE] and "diag_attraction_gap" in shown
     assert lines[0].endswith(f" | +{len(record) - len(shown)} more in metrics.jsonl") and len(record) > 20
     assert len(lines[0]) < 300  # was about 1,800 characters with diagnostics on
+
+
+def test_the_bars_advance_every_step_with_the_whole_runs_bar(tmp_path, monkeypatch):
+    """train.log_every=3 on an 8-step run: the run's bar and each epoch's bar still move at every step."""
+    import protoclr.train as T
+
+    seen = []
+    advance = T.Bars.advance
+
+    def watched(self, pos):
+        advance(self, pos)
+        tasks = {t.fields["what"]: t.completed for t in self.progress.tasks}
+        seen.append((tasks["run"], tasks[f"epoch {pos.epoch}"]))
+
+    monkeypatch.setattr(T.Bars, "advance", watched)
+    pretrain(tiny(tmp_path, "train.run_name=bars", "train.log_every=3", "eval.every=0"))
+    assert seen == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 1), (6, 2), (7, 3), (8, 4)]

@@ -370,10 +370,7 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     rec.skipped(list(dict.fromkeys([*getattr(train, "skipped", []), *getattr(test, "skipped", [])])),
                 where=cfg.data.root or cfg.data.dataset)
 
-    saved_at = [pos.step if state is not None else None]  # the step the checkpoint on disk resumes from
-
     def save() -> None:  # the state before the next step (rank 0 writes, atomically)
-        saved_at[0] = pos.step
         if not dry_run and rank == 0:
             checkpoint.atomic_save({
                 **learner.state_dict(), "precision": fabric.strategy.precision.state_dict(),
@@ -427,15 +424,15 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
         pos.advance()
         return loss.detach(), probe_loss.detach() if probe_loss is not None else None
 
-    progress = _progress(enabled=cfg.trainer.progress and rank == 0 and not dry_run)
+    bars = Bars(enabled=cfg.trainer.progress and rank == 0 and not dry_run, total=max_steps, done=pos.step)
     epoch_metrics: dict[str, Any] = {}
-    resume = f"protoclr pretrain --resume {run_dir}"
     with _recording_failures(rec, lambda: epoch_metrics, on_interrupt=lambda: fabric.print(
-            f"interrupted at step {pos.step}; the checkpoint saved at step {saved_at[0]} resumes it: {resume}")), \
-            progress:
+            f"interrupted at step {pos.step}; the checkpoint saved at step {_saved_step(ckpt_file)} resumes it: "
+            f"protoclr pretrain --resume {run_dir}")), \
+            bars:
         while pos.epoch < num_epochs and pos.step < max_steps:
             stop = min(steps_per_epoch, total_steps - pos.epoch * steps_per_epoch)  # steps in this epoch
-            task = progress.add_task("", total=stop, completed=pos.step_in_epoch, epoch=pos.epoch, loss=0, ips=0)
+            bars.begin(pos.epoch, total=stop, done=pos.step_in_epoch)
             pos.begin_epoch(fabric.device)
             rate = Throughput()
             model.train()
@@ -449,16 +446,17 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
                 loss, probe_loss = losses
                 pos.add_loss(loss)
                 rate.count(B)
+                bars.advance(pos)
                 if pos.step % tc.log_every == 0 or pos.step_in_epoch == stop:
                     loss_sum = fabric.all_reduce(pos.loss_sum, reduce_op="mean") if W > 1 else pos.loss_sum
                     avg = loss_sum.item() / pos.loss_n  # the epoch's mean loss so far
                     ips = rate.read()
-                    progress.update(task, completed=pos.step_in_epoch, loss=avg, ips=ips)
+                    bars.show(loss=avg, ips=ips)
                     scalars = {"loss": avg, "lr": float(lrs[pos.step - 1]), "img_per_s": ips, "epoch": pos.epoch}
                     rec.step(pos.step, scalars, probe_loss=None if probe_loss is None else float(probe_loss))
                 if tc.checkpoint_every and pos.step % tc.checkpoint_every == 0 and pos.step_in_epoch < stop:
                     save()
-            progress.remove_task(task)
+            bars.end()
             if pos.step_in_epoch < stop:  # stopped by train.max_steps inside the epoch
                 save()
                 break
@@ -553,12 +551,44 @@ def _nonfinite(loss: torch.Tensor, encoder: nn.Module, fabric, cfg: Config, pos:
             f"{float(lrs[pos.step]):.4g}); likely cause: {_likely_cause(cfg)}")
 
 
-def _progress(*, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _saved_step(ckpt_file: Path) -> int | str:
+    """The step the checkpoint on disk resumes from ("none" before the first one is written)."""
+    return int(checkpoint.load(ckpt_file)["step"]) if ckpt_file.is_file() else "none"
 
-    return Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"), TimeRemainingColumn(),
-                    disable=not enabled)
+
+class Bars:
+    """The run's progress bars: the whole run's (with its remaining time) above the current epoch's; both advance
+    every step, the loss and images per second update every ``train.log_every`` steps."""
+
+    def __init__(self, *, enabled: bool, total: int, done: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.fields[what]:>8}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
+                                 TimeRemainingColumn(), disable=not enabled)
+        self.whole = self.progress.add_task("", total=total, completed=done, what="run", loss=0, ips=0)
+        self.task: Any = None
+
+    def __enter__(self) -> Bars:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def begin(self, epoch: int, *, total: int, done: int) -> None:
+        self.task = self.progress.add_task("", total=total, completed=done, what=f"epoch {epoch}", loss=0, ips=0)
+
+    def advance(self, pos: Position) -> None:
+        self.progress.update(self.task, completed=pos.step_in_epoch)
+        self.progress.update(self.whole, completed=pos.step)
+
+    def show(self, *, loss: float, ips: float) -> None:
+        for task in (self.task, self.whole):
+            self.progress.update(task, loss=loss, ips=ips)
+
+    def end(self) -> None:
+        self.progress.remove_task(self.task)
 
 
 # ----------------------------------------------------------------------------------------------------------
