@@ -95,6 +95,14 @@ def all_gather_no_grad(x: torch.Tensor, ctx: DistContext | None = None) -> torch
         return _gather_padded(x.detach(), _gather_sizes(x.shape[0], x.device))
 
 
+def shutdown() -> None:
+    """Leave the process group, if one was initialized, after every rank has arrived: the collective library's
+    threads are then joined, not torn down by the interpreter's exit (which can abort a gloo process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 import protoclr
 from protoclr import checkpoint, data, runs, splits, targets
 from protoclr.config import Config, ConfigError, DataConfig, load_config
+from protoclr.distributed import shutdown
 from protoclr.loggers import LOGGERS
 from protoclr.measure import CONSOLE, Monitor
 from protoclr.models import TIMM_PREFIX, Encoder, build_encoder, timm_input_size
@@ -634,6 +635,7 @@ def cli_main(argv: list[str]) -> int:
     except TrainingDiverged as e:
         print(f"protoclr pretrain: {e}", file=sys.stderr)
         return 1
+    shutdown()  # a torchrun process leaves its process group before it exits
     if args.dry_run:
         print(f"dry run ok: built {cfg.model.backbone} + {cfg.model.projector_layers}-layer projector, "
               f"{cfg.loss.name} loss, {cfg.optim.name}; ran 2 steps on fake {cfg.data.views} views (batch <= 8)")
