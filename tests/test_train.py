@@ -706,3 +706,29 @@ def test_the_bars_advance_every_step_with_the_whole_runs_bar(tmp_path, monkeypat
     monkeypatch.setattr(T.Bars, "advance", watched)
     pretrain(tiny(tmp_path, "train.run_name=bars", "train.log_every=3", "eval.every=0"))
     assert seen == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 1), (6, 2), (7, 3), (8, 4)]
+
+
+def test_keep_best_copies_the_epoch_end_with_the_highest_online_knn(tmp_path, monkeypatch):
+    """Monitor scores 0.9 at step 0 (not an epoch end), then 0.7 and 0.6 at the two epoch ends: best.pt is the
+    step-4 checkpoint, checkpoint.pt the step-8 one; a run stopped after epoch 0 and resumed keeps that choice."""
+    import protoclr.measure as M
+    from protoclr.runs import RunDir
+
+    def scripted(values):
+        it = iter(values)
+        return lambda self, encoder, probe, **kw: {"knn_top1": next(it)}
+
+    monkeypatch.setattr(M.Monitor, "measure", scripted([0.9, 0.7, 0.6]))
+    run = pretrain(tiny(tmp_path, "train.run_name=kept", "train.keep=best"))
+    best, last = ckpt.load(RunDir(run).best), ckpt.load(run / "checkpoint.pt")
+    assert (best["step"], last["step"], best["best"], last["best"]) == (4, 8, 0.7, 0.7)
+    steps = _count_steps(monkeypatch)
+    monkeypatch.setattr(M.Monitor, "measure", scripted([0.9, 0.7]))
+    pretrain(tiny(tmp_path, "train.run_name=split", "train.keep=best", "train.max_steps=4"))
+    monkeypatch.setattr(M.Monitor, "measure", scripted([0.65]))  # the resumed epoch 1: below the saved best
+    resumed = pretrain(tiny(tmp_path, "train.run_name=split", "train.keep=best"))
+    assert steps == list(range(8)) and ckpt.load(RunDir(resumed).best)["step"] == 4
+    with pytest.raises(ValueError, match=r"train\.keep"):
+        tiny(tmp_path, "train.keep=best", "eval.every=0").validate()
+    monkeypatch.setattr(M.Monitor, "measure", scripted([0.5, 0.6, 0.7]))
+    assert not RunDir(pretrain(tiny(tmp_path, "train.run_name=plain"))).best.exists()  # keep=last: no copy

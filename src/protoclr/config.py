@@ -149,6 +149,9 @@ class TrainConfig:
     checkpoint_every: int = 500  # also checkpoint every N steps (always at each epoch end); 0 = epoch ends only
     on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     max_skips: int = 20  # on_nonfinite=skip: stop anyway after this many skipped steps
+    # last: keep checkpoint.pt (the latest state, what resume reads); best: also best.pt, a copy of the epoch-end
+    # checkpoint with the highest online kNN top-1 so far (needs eval.every > 0; the choice survives a resume)
+    keep: str = "last"
     log_every: int = 10  # steps between logger writes
 
 
@@ -297,6 +300,9 @@ class Config:
             ("train.max_steps", t.max_steps >= 0, "must be >= 0"),
             ("train.checkpoint_every", t.checkpoint_every >= 0, "must be >= 0"),
             ("train.on_nonfinite", t.on_nonfinite in ("stop", "skip"), "must be stop or skip"),
+            ("train.keep", t.keep in ("last", "best"), "must be last or best"),
+            ("train.keep", t.keep != "best" or self.eval.every > 0,
+             "best needs eval.every > 0 (the online kNN it is chosen by)"),
             ("train.log_every", t.log_every >= 1, "must be >= 1"),
             ("eval.every", ev.every >= 0, "must be >= 0"),
             ("eval.train_images", ev.train_images >= 0, "must be >= 0 (0 = all)"),

@@ -68,7 +68,8 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 class RunDir:
     """A run's folder ``<out_dir>/<run_name>/``, the one place its layout is spelled: ``config.yaml`` (the resolved
-    config), ``meta.json`` (version, commit, command, precision), ``checkpoint.pt`` (latest, atomic),
+    config), ``meta.json`` (version, commit, command, precision), ``checkpoint.pt`` (latest, atomic), ``best.pt``
+    (``train.keep=best``),
     ``metrics.jsonl`` (one record per line, protoclr.runs.MetricsLog); ``db`` is the results database beside it."""
 
     def __init__(self, path: str | Path):
@@ -77,6 +78,7 @@ class RunDir:
         self.config = self.path / "config.yaml"
         self.meta = self.path / "meta.json"
         self.checkpoint = self.path / "checkpoint.pt"
+        self.best = self.path / "best.pt"  # train.keep=best: the epoch end with the highest online kNN top-1
         self.metrics_file = self.path / "metrics.jsonl"
         self.db = database(self.path.parent)
 

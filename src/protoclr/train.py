@@ -46,11 +46,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import protoclr
-from protoclr import checkpoint, data, runs, splits, targets
+from protoclr import atomic, checkpoint, data, runs, splits, targets
 from protoclr.config import Config, ConfigError, DataConfig, load_config
 from protoclr.distributed import shutdown
 from protoclr.loggers import LOGGERS
-from protoclr.measure import CONSOLE, Monitor
+from protoclr.measure import CONSOLE, KNN, Monitor
 from protoclr.models import TIMM_PREFIX, Encoder, build_encoder, timm_input_size
 from protoclr.optim import LARS, build_optimizer
 from protoclr.precision import cpu_has_bf16, resolve_precision
@@ -289,6 +289,7 @@ class Position:
         s = state or {"epoch": 0, "step_in_epoch": 0, "step": 0, "skips": 0, "epoch_loss": [torch.zeros(()), 0]}
         self.epoch, self.step_in_epoch, self.step, self.skips = s["epoch"], s["step_in_epoch"], s["step"], s["skips"]
         self.loss_sum, self.loss_n = s["epoch_loss"]
+        self.best = s.get("best")  # the best online kNN top-1 at an epoch end so far (train.keep=best)
 
     def begin_epoch(self, device: torch.device) -> None:
         """An epoch's running loss starts at zero (an epoch resumed part-way keeps its own)."""
@@ -310,9 +311,16 @@ class Position:
         self.epoch += 1
         self.step_in_epoch = 0
 
+    def improves(self, value: float | None) -> bool:
+        """Whether ``value`` (an epoch end's online kNN top-1) beats every earlier one; it becomes the best."""
+        if value is None or (self.best is not None and value <= self.best):
+            return False
+        self.best = value
+        return True
+
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step, "skips": self.skips,
-                "epoch_loss": [self.loss_sum.detach().cpu(), self.loss_n]}
+                "epoch_loss": [self.loss_sum.detach().cpu(), self.loss_n], "best": self.best}
 
 
 def pretrain(cfg: Config, *, dry_run: bool = False,
@@ -468,7 +476,7 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
             if on_epoch_end is not None and rank == 0 and not dry_run:
                 epoch_metrics.update(_isolated(on_epoch_end, raw, epoch_metrics))
             pos.next_epoch()
-            save()
+            _save_epoch_end(save, pos, epoch_metrics, keep=tc.keep, run_dir=run_dir, rank=rank)
             rec.epoch(epoch_metrics)
     # stopped by train.max_steps: resuming continues the schedule
     rec.finish("interrupted" if pos.step < total_steps and not dry_run else "finished", epoch_metrics)
@@ -550,6 +558,17 @@ def _nonfinite(loss: torch.Tensor, encoder: nn.Module, fabric, cfg: Config, pos:
     what = "loss" if not torch.isfinite(loss.detach()) else "gradient"
     return (f"non-finite {what} at step {pos.step} (epoch {pos.epoch}, step {pos.step_in_epoch} of the epoch, lr "
             f"{float(lrs[pos.step]):.4g}); likely cause: {_likely_cause(cfg)}")
+
+
+def _save_epoch_end(save: Callable[[], None], pos: Position, metrics: dict[str, Any], *, keep: str, run_dir: Path,
+                    rank: int) -> None:
+    """The epoch end's checkpoint, and with ``train.keep=best`` its copy as ``best.pt`` when its online kNN top-1
+    beats every earlier epoch end's (the best value travels in the checkpoint, so a resume keeps choosing)."""
+    improved = keep == "best" and pos.improves(metrics.get(KNN))
+    save()
+    if improved and rank == 0:
+        files = runs.RunDir(run_dir)
+        atomic.write_bytes(files.best, files.checkpoint.read_bytes())
 
 
 def _saved_step(ckpt_file: Path) -> int | str:
