@@ -336,3 +336,20 @@ def test_the_papers_figures_live_in_one_table_that_claims_and_report_read():
             assert number in figures, (claim.id, number)
     assert R.PAPER is C.PAPER
     assert C.fig("no_color") == "62.56" and C.fig("rotation", "bias") == "38.11"  # the paper's table, by hand
+
+
+def test_the_mde_is_at_the_level_of_the_whole_planned_family_while_few_claims_are_answered(tmp_path):
+    """Only the 5 bounds claims answered (3 runs), 13 directional claims planned: each MDE is at 0.05 / 13, the
+    plan's level, not at 0.05 / 5."""
+    path = S.init_db(tmp_path / "runs.db")
+    steps = [0, 195, 390, 585, 780, 975, 1000]
+    for seed, end in enumerate((0.107, 0.110, 0.111)):
+        _add(path, "base", "bounds", {}, seed, _cfg(seed, f"b{seed}", loss__name="balanced"), acc=0.6, epochs=0)
+        _epochs(path, f"base-{hashlib.sha256(b'{}').hexdigest()[:8]}-s{seed}", steps,
+                [0.2, 0.15, 0.12, 0.11, 0.109, end, end])
+    groups, _ = R.load_groups(path)
+    res = {r.claim.id: r for r in C.answer(groups)}
+    assert sum(r.test.n >= 3 for r in res.values()) == 5
+    r = res["attraction_slack"]
+    assert r.mde == pytest.approx(C.mde(sd=r.test.sd, n=3, level=0.05 / 13))
+    assert r.mde > C.mde(sd=r.test.sd, n=3, level=0.05 / 5)

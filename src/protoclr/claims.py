@@ -463,8 +463,9 @@ def verdict(test: Test, *, sign: int, p_holm: float, mde_: float, margin: float 
 
 def answer(groups: list[Any], claims: list[Claim] | None = None) -> list[ClaimResult]:
     """Every claim's units, test, Holm-adjusted p-value (over the directional claims with ``MIN_N`` units or
-    more), minimum detectable effect at the Bonferroni level ``FAMILY_ALPHA / m`` (the level the first claim of
-    Holm's sequence must reach, so a bound on every later one's) and verdict."""
+    more), minimum detectable effect at the Bonferroni level ``FAMILY_ALPHA / m`` with m the number of directional
+    claims (13 in :data:`CLAIMS`, answered yet or not: the level the first claim of Holm's sequence must reach
+    once all are answered, so a bound on every later one's) and verdict."""
     results = []
     for c in claims if claims is not None else CLAIMS:
         units = claim_units(groups, c)
@@ -472,7 +473,7 @@ def answer(groups: list[Any], claims: list[Claim] | None = None) -> list[ClaimRe
     family = [r for r in results if r.claim.sign != 0 and r.test.n >= MIN_N]
     for r, p in zip(family, holm([r.test.p if math.isfinite(r.test.p) else 1.0 for r in family]), strict=True):
         r.p_holm = p
-    level = FAMILY_ALPHA / max(len(family), 1)
+    level = FAMILY_ALPHA / max(sum(r.claim.sign != 0 for r in results), 1)  # the plan's family, answered or not
     for r in results:
         r.mde = mde(sd=r.test.sd, n=r.test.n, level=level if r.claim.sign else FAMILY_ALPHA)
         r.verdict = verdict(r.test, sign=r.claim.sign, p_holm=r.p_holm, mde_=r.mde, margin=r.claim.margin)
