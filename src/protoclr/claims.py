@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from protoclr.config import without_keys
 from protoclr.measure import (
     ATTRACTION_GAP,
     ATTRACTION_SSL,
@@ -386,14 +387,7 @@ class ClaimResult:
 
 
 def _without(config: dict[str, Any], keys: tuple[str, ...]) -> str:
-    c = json.loads(json.dumps(config))
-    for key in (*keys, *NOT_A_TREATMENT):
-        sec, _, name = key.partition(".")
-        if name:
-            c.get(sec, {}).pop(name, None)
-        else:
-            c.pop(sec, None)
-    return json.dumps(c, sort_keys=True)
+    return json.dumps(without_keys(config, (*keys, *NOT_A_TREATMENT)), sort_keys=True)
 
 
 def _metric(record: dict[str, Any], metric: str | Callable[[dict[str, Any]], float | None]) -> float | None:

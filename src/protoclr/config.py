@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -476,6 +478,18 @@ def yaml_error_text(e: yaml.YAMLError) -> str:
     what = getattr(e, "problem", None) or str(e).splitlines()[0]
     context = getattr(e, "context", None)
     return f"{where}{what}" + (f" ({context})" if context else "")
+
+
+def without_keys(config: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """A deep copy of a config dict without ``keys``: each a ``section.key`` or a whole ``section``."""
+    out = json.loads(json.dumps(config))
+    for key in keys:
+        sec, _, name = key.partition(".")
+        if name:
+            out.get(sec, {}).pop(name, None)
+        else:
+            out.pop(sec, None)
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

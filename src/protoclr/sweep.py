@@ -47,7 +47,15 @@ import yaml
 
 from protoclr import atomic, jobs, runs, splits
 from protoclr import measure as M
-from protoclr.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, read_yaml
+from protoclr.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    read_yaml,
+    without_keys,
+)
 from protoclr.errors import UserError
 from protoclr.measure import final_metrics
 from protoclr.runs import ResultsDB, load_run
@@ -207,14 +215,7 @@ def _slug(point: dict[str, Any]) -> str:
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    cfg = json.loads(json.dumps(config))
-    for key in _ID_EXCLUDED:
-        sec, _, name = key.partition(".")
-        if name:
-            cfg.get(sec, {}).pop(name, None)
-        else:
-            cfg.pop(sec, None)
-    return cfg
+    return without_keys(config, _ID_EXCLUDED)
 
 
 def run_id(name: str, point: dict[str, Any], seed: int, config: dict[str, Any]) -> str:
