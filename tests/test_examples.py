@@ -5,6 +5,7 @@ torchvision and in timm (whose loaded backbones must give protoclr's own feature
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def _run(cmd: list[str], tmp_path: Path, **extra: str) -> str:
 
 def test_every_example_is_tested_and_says_how_to_run_it():
     scripts = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".py", ".sh"))
-    assert scripts == ["balanced_loss_plain_pytorch.py", "finetune_exported.py", "train_image_folder.sh"]
+    assert scripts == ["balanced_loss_plain_pytorch.py", "finetune_exported.py", "pretrain_own_objects.py",
+                       "train_image_folder.sh"]
     for name in scripts:
         head = (EXAMPLES / name).read_text()[:600]
         assert f"examples/{name}" in head, f"{name} does not open with its command"
@@ -48,6 +50,31 @@ def test_balanced_loss_in_a_plain_pytorch_loop(tmp_path):
     losses = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("step ")]
     assert len(losses) == 2 and all(0 < v < 20 for v in losses)  # steps 0 and 2 printed, finite
     assert "done" in out
+
+
+def test_pretrain_with_your_own_backbone_dataset_and_views(tmp_path):
+    """The example trains its own CNN on scikit-learn's digits with its own views; a second call finds the run
+    complete; the printed kNN is the run's last epoch record and the floor the raw-pixel kNN of the same images."""
+    from sklearn.datasets import load_digits
+    from sklearn.neighbors import KNeighborsClassifier
+
+    out = tmp_path / "own"
+    text = _run([sys.executable, str(EXAMPLES / "pretrain_own_objects.py"), "--steps", "4", "--out", str(out)],
+                tmp_path)
+    last = text.strip().splitlines()[-1]
+    assert "encoder SmallCNN, 64 features" in last and "after 4 steps" in last
+    epochs = [json.loads(ln) for ln in (out / "digits" / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in epochs if r["kind"] == "epoch"][-1]["knn_top1"]
+    assert f"online kNN top-1 {knn:.3f}" in last
+    # the floor: weighted kNN on centred raw pixels; a plain 1-NN from scikit-learn lands within a few points
+    d = load_digits()
+    x = d.images.reshape(len(d.images), -1)
+    sk = KNeighborsClassifier(1).fit(x[:1297], d.target[:1297]).score(x[1297:], d.target[1297:])
+    floor = float(last.split("raw-pixel kNN floor ")[1].split(")")[0])
+    assert abs(floor - sk) < 0.05, (floor, sk)
+    again = _run([sys.executable, str(EXAMPLES / "pretrain_own_objects.py"), "--steps", "4", "--out", str(out)],
+                 tmp_path)
+    assert "is complete (4 steps); nothing to resume" in again
 
 
 TINY = ["train.steps=2", "train.batch_size=8", "eval.every=0", "trainer.loggers=[]", "trainer.progress=false",

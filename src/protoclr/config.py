@@ -26,12 +26,13 @@ from typing import Any
 import yaml
 
 from protoclr import data, loggers, losses, models, optim, targets, views
+from protoclr.custom import PYTHON
 from protoclr.errors import ConfigError
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"  # name in protoclr.data.DATASETS
+    dataset: str = "fashion_mnist"  # name in protoclr.data.DATASETS (python: a Dataset passed to pretrain)
     root: str = ""  # where the dataset lives; "" = the loader's default location (protoclr.data)
     download: bool = False  # fetch the dataset if missing (needs network)
     train_split: str = "train"  # split trained on (labels unused except by the online probe)
@@ -70,7 +71,8 @@ class DataConfig:
 class ModelConfig:
     # resnet18 | resnet50 | convnet (protoclr.models.BACKBONES), or timm/<name>: any timm model that returns pooled
     # features (pip install 'protoclr[timm]'; built with pretrained=False, num_classes=0; it keeps its own norm
-    # layers and stem, so model.norm sets the projector's norm only and small_images / convnet_widths do nothing)
+    # layers and stem, so model.norm sets the projector's norm only and small_images / convnet_widths do nothing);
+    # python in a run's saved config: an nn.Module passed to pretrain(cfg, backbone=...) (protoclr.custom)
     backbone: str = "convnet"
     # convnet: output channels of its stages (3x3 conv -> norm -> ReLU, max-pool between stages): the number of
     # entries is the depth, the values the width. Cost grows with width squared: [64, 128, 256, 512] is ~2.7x
@@ -248,7 +250,7 @@ class Config:
             *[("trainer.loggers", name, "logger", loggers.LOGGERS) for name in self.trainer.loggers],
         ]
         for key, value, what, table in choices:
-            if value not in table:
+            if value not in table and not (key == "data.dataset" and value == PYTHON):  # set by pretrain(dataset=)
                 close = difflib.get_close_matches(str(value), list(table), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"{key}: unknown {what} {value!r}; choose one of {', '.join(table)}{hint}")
@@ -342,7 +344,8 @@ class Config:
         if m.timm_img_size and m.timm_img_size != spec.size:
             raise ConfigError(f"model.timm_img_size: {m.timm_img_size} differs from the {spec.size}-pixel views of "
                               f"data.views={d.views}; set model.timm_img_size={spec.size}")
-        models.check_backbone(m.backbone)  # timm names: against timm.list_models(), no model built
+        if m.backbone != PYTHON:  # PYTHON: set by pretrain(backbone=) (protoclr.custom)
+            models.check_backbone(m.backbone)  # timm names: against timm.list_models(), no model built
         return self
 
 

@@ -776,6 +776,10 @@ def _image_folder(
     return load_image_folder(root, split=split, **kw)
 
 
+# data.dataset (and model.backbone) in a run's saved config when the dataset (backbone) was an object passed to
+# protoclr.train.pretrain from Python (protoclr.custom): no command can rebuild it
+PYTHON = "python"
+
 DATASETS: dict[str, Callable[..., LabeledImages]] = {
     "cifar10": lambda **kw: load_cifar("cifar10", **kw),
     "cifar100": lambda **kw: load_cifar("cifar100", **kw),
@@ -815,6 +819,10 @@ def load_dataset(
     name: str, *, split: str = "train", root: str | Path | None = None, download: bool = False, **options: Any
 ) -> LabeledImages:
     """Load dataset ``name`` (a key of ``DATASETS``); ``options`` go to its loader (e.g. ``on_bad="skip"``)."""
+    if name == PYTHON:
+        raise DataError("data.dataset=python: the run's images were a dataset passed to protoclr.train.pretrain(cfg, "
+                        "dataset=...) from Python; a command cannot reload them: evaluate from Python "
+                        "(protoclr.measure.evaluate_backbone) or set data.dataset to a named dataset")
     if name not in DATASETS:
         raise UnknownChoice(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     return DATASETS[name](split=split, root=root, download=download, **options)

@@ -165,6 +165,9 @@ def feature_dim(backbone: nn.Module) -> int:
     return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
+_feature_dim = feature_dim  # for Encoder, whose keyword of the same name shadows it
+
+
 class Projector(nn.Module):
     """MLP ``in_dim -> hidden_dim x (num_layers - 1) -> out_dim``; hidden layers are Linear -> norm -> act.
 
@@ -204,11 +207,11 @@ class Projector(nn.Module):
 class Encoder(nn.Module):
     """Backbone plus projector: ``forward(x) -> (h, z)`` with ``h`` (B, F) features and ``z`` (B, D)."""
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module):
+    def __init__(self, backbone: nn.Module, projector: nn.Module, *, feature_dim: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.projector = projector
-        self.feature_dim: int = feature_dim(backbone)
+        self.feature_dim: int = feature_dim or _feature_dim(backbone)  # F: given for a backbone of the caller's
         self.out_dim: int = projector.out_dim
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

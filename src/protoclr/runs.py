@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from protoclr import atomic, checkpoint
 from protoclr.atomic import json_clean
 from protoclr.config import ConfigError, config_from_dict
-from protoclr.errors import NotACheckpoint, NotADatabase
+from protoclr.custom import PYTHON, encoder_with
+from protoclr.errors import NotACheckpoint, NotADatabase, UserError
 from protoclr.models import build_encoder
 
 SKIPPED = "skipped_files.txt"  # in a run folder: the bad image files data.on_bad=skip left out, one per line
@@ -253,15 +255,28 @@ class Recorder:
             logger.finalize("success" if status in ("finished", "interrupted") else "failed")
 
 
-def load_run(path: str | Path, *, map_location: Any = "cpu") -> tuple[Any, Any]:
+def load_run(path: str | Path, *, map_location: Any = "cpu", backbone: nn.Module | None = None) -> tuple[Any, Any]:
     """``(encoder, cfg)`` from a run folder or a checkpoint file; the encoder is in eval mode and
-    ``encoder.backbone`` gives the features evaluation uses."""
+    ``encoder.backbone`` gives the features evaluation uses. ``backbone``: for a run trained with a backbone
+    passed from Python (``model.backbone: python``), a module of the same class, which receives the weights."""
     path, file = Path(path), checkpoint_file(path)
     if path.is_dir() and not file.is_file():
         raise NotACheckpoint(f"{path} holds no checkpoint.pt; pass a run folder or a checkpoint file")
     state = checkpoint.load(file, map_location=map_location)
     cfg = config_from_dict(state["config"])
     torch.manual_seed(0)  # construction only; every weight is overwritten by the checkpoint
+    if cfg.model.backbone == PYTHON:
+        name = state.get("python", {}).get("backbone", "a module")
+        if backbone is None:
+            raise UserError(f"{path} was trained with a backbone passed from Python ({name}); a command cannot "
+                            f"rebuild it: build one and load the weights with load_run({str(path)!r}, backbone=...)")
+        encoder = encoder_with(backbone, int(state["feature_dim"]), cfg.model)
+        try:
+            encoder.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise UserError(f"the backbone passed to load_run does not hold {path}'s weights (trained with {name}): "
+                            f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+        return encoder.eval(), cfg
     encoder = build_encoder(cfg.model, in_channels=int(state["in_channels"]))
     encoder.load_state_dict(state["model"])
     return encoder.eval(), cfg

@@ -257,9 +257,16 @@ def load_data(cfg: Any, *, fake: bool = False, class_profile: bool = True) -> tu
     options = dataset_options(d)
     train = load_dataset(d.dataset, split=d.train_split, root=root, download=d.download, **options)
     test = load_dataset(d.dataset, split=d.test_split, root=root, download=d.download, **options)
-    if d.train_subset and d.train_subset < len(train):
-        train = train.subset(permutation(len(train), cfg.train.seed + TRAIN_SUBSET)[: d.train_subset].sort().values)
-    return (class_profiled(train, d, seed=cfg.train.seed) if class_profile else train), test, spec
+    return training_set(train, cfg, class_profile=class_profile), test, spec
+
+
+def training_set(split: Any, cfg: Any, *, class_profile: bool = True) -> Any:
+    """The images a run trains on from its training split: ``data.train_subset`` (a seeded subset), then
+    ``data.class_profile`` (unless ``class_profile=False``)."""
+    d = cfg.data
+    if d.train_subset and d.train_subset < len(split):
+        split = split.subset(permutation(len(split), cfg.train.seed + TRAIN_SUBSET)[: d.train_subset].sort().values)
+    return class_profiled(split, d, seed=cfg.train.seed) if class_profile else split
 
 
 class EpochBatches(torch.utils.data.Dataset):
@@ -330,5 +337,6 @@ __all__ = [
     "longtail_counts",
     "permutation",
     "probe_fit_set",
+    "training_set",
     "uniform_subset",
 ]

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import protoclr
-from protoclr import atomic, checkpoint, data, runs, splits, targets
+from protoclr import atomic, checkpoint, custom, data, runs, splits, targets
 from protoclr.config import Config, ConfigError, DataConfig, load_config
 from protoclr.distributed import shutdown
 from protoclr.loggers import LOGGERS
@@ -168,12 +168,17 @@ def schedule(cfg: Config, num_images: int) -> tuple[int, int, int, torch.Tensor]
     return steps_per_epoch, total, -(-total // steps_per_epoch), lrs
 
 
-def _unmeasurable(cfg: Config, train: Any, what: str) -> str | None:
-    """Why accuracy on ``train``'s labels would mean nothing (one class; a held-out split that is the training
-    images), None when it means something or nothing is measured."""
+def _unmeasurable(cfg: Config, train: Any, test: Any, what: str) -> str | None:
+    """Why accuracy on ``train``'s labels would mean nothing (no labels; one class; no held-out images, or a
+    held-out split that is the training images), None when it means something or nothing is measured."""
     d, e = cfg.data, cfg.eval
     if not (e.every or e.online_probe or e.linear):
         return None
+    if bool((train.labels < 0).all()):
+        return f"{what} has no labels: kNN and probe accuracy need them; pass (image, label) items to measure it"
+    if test is None:
+        return ("no test_dataset was passed to pretrain: kNN and probe accuracy would have no held-out images to "
+                "be scored on; pass test_dataset= to measure it")
     if len(train.classes) < 2:
         return (f"{what} has one class ({', '.join(train.classes) or 'none'}): kNN and probe accuracy would be 1.0 "
                 "whatever the encoder; put the images in one subfolder per class to measure it")
@@ -184,23 +189,25 @@ def _unmeasurable(cfg: Config, train: Any, what: str) -> str | None:
     return None
 
 
-def fit_to_data(cfg: Config, train: Any, *, say: Callable[[str], Any] = print) -> Config:
+def fit_to_data(cfg: Config, train: Any, *, test: Any = (), say: Callable[[str], Any] = print) -> Config:
     """``cfg`` with its views fitted to the training images (``train``; None skips that: a dry run's fake data)
     and a fixed-size timm model (a ViT) built for the views' size when ``model.timm_img_size`` is 0: a copy when
     anything changes, each change said in one line by ``say``. A preset the user chose that would turn RGB images
     grey, and views whose side is not a multiple of the ViT's patch, raise a ConfigError naming the keys
-    (protoclr.views.fit_views). The result is the config the run saves, so evaluation and export see the same."""
+    (protoclr.views.fit_views). ``test``: the held-out images (None: none were given, so accuracy is not
+    measured). The result is the config the run saves, so evaluation and export see the same."""
     d, m = cfg.data, cfg.model
     out = copy.deepcopy(cfg)
     if train is not None:
         channels, side = data.image_shape(train)
-        what = d.root if d.dataset == "image_folder" and d.root else d.dataset
+        what = d.root if d.dataset == "image_folder" and d.root else \
+            "the dataset passed to pretrain" if d.dataset == custom.PYTHON else d.dataset
         chosen = d.views != DataConfig().views or any(o.replace(" ", "").startswith("size=") for o in d.view_overrides)
         out.data.views, out.data.view_overrides, msg = fit_views(d, channels=channels, side=side, what=what,
                                                                   chosen=chosen)
         if msg:
             say(msg)
-        if why := _unmeasurable(cfg, train, what):
+        if why := _unmeasurable(cfg, train, test, what):
             out.eval.every, out.eval.online_probe, out.eval.linear = 0, False, False
             say(f"eval: {why}, so accuracy is not measured (eval.every=0, eval.online_probe=false, "
                 "eval.linear=false)")
@@ -236,10 +243,12 @@ class Learner:
     (protoclr.targets); :meth:`state_dict` is their part of a checkpoint."""
 
     def __init__(self, cfg: Config, *, in_channels: int, num_classes: int, total_steps: int, lr: float,
-                 sync_batchnorm: bool = False):
+                 sync_batchnorm: bool = False, backbone: tuple[nn.Module, int] | None = None):
+        """``backbone``: a caller's module and its feature width F in place of ``cfg.model``'s (protoclr.custom)."""
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
-        self.encoder = build_encoder(cfg.model, in_channels=in_channels)
+        self.encoder = build_encoder(cfg.model, in_channels=in_channels) if backbone is None else \
+            custom.encoder_with(*backbone, cfg.model)
         self.probe = nn.Linear(self.encoder.feature_dim, num_classes) if cfg.eval.online_probe else None
         if sync_batchnorm and cfg.model.norm == "batch":
             self.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder)
@@ -274,9 +283,10 @@ class Learner:
         self.branch.load_state_dict(state["target"])
 
 
-def _meta(world_size: int, precision: str, resumed_at_step: int | None) -> dict[str, Any]:
-    """``meta.json``: what made this run (version, commit, command) and on what (torch, processes, precision)."""
-    return {"version": protoclr.__version__, "git_commit": runs.git_commit(), "command": sys.argv,
+def _meta(world_size: int, precision: str, resumed_at_step: int | None, python: dict[str, str]) -> dict[str, Any]:
+    """``meta.json``: what made this run (version, commit, command, the objects passed from Python) and on what
+    (torch, processes, precision)."""
+    return {"version": protoclr.__version__, "git_commit": runs.git_commit(), "command": sys.argv, "python": python,
             "torch": torch.__version__, "world_size": world_size, "precision": precision,
             "threads": torch.get_num_threads(), "resumed_at_step": resumed_at_step,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -323,46 +333,93 @@ class Position:
                 "epoch_loss": [self.loss_sum.detach().cpu(), self.loss_n], "best": self.best}
 
 
-def pretrain(cfg: Config, *, dry_run: bool = False,
-             on_epoch_end: Callable[[Encoder, dict[str, Any]], dict[str, Any] | None] | None = None) -> Path:
-    """Train ``cfg``'s encoder; returns the run folder. Resumes when the folder already holds a checkpoint.
+def _from_python(cfg: Config, own: dict[str, str]) -> Config:
+    """``cfg`` saying where the backbone and dataset passed from Python are (``model.backbone`` / ``data.dataset``
+    :data:`protoclr.custom.PYTHON`), a copy when that changes it."""
+    if not ({"backbone", "dataset"} & set(own)):
+        return cfg
+    out = copy.deepcopy(cfg)
+    if "backbone" in own:
+        out.model.backbone = custom.PYTHON
+    if "dataset" in own:
+        out.data.dataset, out.data.root, out.data.on_bad = custom.PYTHON, "", "error"
+    return out
 
-    ``dry_run``: the full model and view size on fake data, a global batch of at most 8 (so that a big config
-    fits a small machine), two steps; no run folder is kept and no database row written. It reads no image but
-    checks that the data is where the config says (``data.root``, an image folder's split).
-    ``on_epoch_end(encoder, metrics)``: called on rank 0 after each epoch's measurements with the online
-    encoder (no DDP wrapper) and the epoch's metrics so far; the scalars it returns join the epoch record
-    (``metrics.jsonl``, ``runs.db``, loggers) before the checkpoint of the epoch end is written. The Python and
-    torch RNG states and the encoder's train/eval mode are restored after it, so it cannot perturb the run.
-    Raises :class:`TrainingDiverged` when a non-finite loss or gradient stops the run.
-    """
-    cfg, fabric, on_gpu, run_dir = _launch(cfg, dry_run=dry_run)
+
+def _load(cfg: Config, *, dry_run: bool, own: custom.Own) -> tuple[Any, Any]:
+    """``(train, test)``: the config's data (fake for a dry run), or the datasets passed from Python (``test``
+    None when none was)."""
+    if own.dataset is not None:
+        test = None if own.test_dataset is None else custom.as_images(own.test_dataset, what="test_dataset")
+        return splits.training_set(custom.as_images(own.dataset, what="dataset"), cfg), test
     if dry_run:
         data.check_exists(cfg.data.dataset, root=cfg.data.root or None, split=cfg.data.train_split)
     with warnings.catch_warnings():  # data.on_bad=skip: the run says it once, with where the list is
         warnings.filterwarnings("ignore", message=r"skipped \d+ bad image file")
-        train, test, spec = splits.load_data(cfg, fake=dry_run)
-    cfg = fit_to_data(cfg, None if dry_run else train, say=fabric.print)  # the views, the timm input size
+        train, test, _ = splits.load_data(cfg, fake=dry_run)
+    return train, test
+
+
+def _views(cfg: Config, views: Callable[[torch.Tensor], torch.Tensor] | None) -> Any:
+    """The training views: the config's (protoclr.views.TrainViews), or a caller's per-image view function
+    (protoclr.custom.FunctionViews), which takes no local views or progressive resizing."""
+    if views is None:
+        return train_views(cfg.data)
+    if cfg.data.local_views or cfg.data.view_sizes:
+        raise ConfigError("data.local_views / data.view_sizes belong to protoclr's views; with views= from Python "
+                          "set data.local_views=0 and data.view_sizes=[]")
+    return custom.FunctionViews(views, config_view_spec(cfg.data), num_views=cfg.data.num_views)
+
+
+def _restore(state: dict[str, Any], learner: Learner, fabric: Any, *, order: torch.Tensor, where: Path) -> None:
+    """A checkpoint's weights, optimizers, target branch, precision (loss scaler) and RNG states restored; its
+    data order must be ``order``, the one recomputed for its epoch."""
+    learner.load_state_dict(state)
+    fabric.strategy.precision.load_state_dict(state["precision"])
+    checkpoint.set_rng_state(state["rng"])
+    if not torch.equal(state["data_order"], order):
+        raise RuntimeError(f"{where}: saved data order differs from the recomputed one; the dataset changed")
+
+
+def pretrain(cfg: Config, *, dry_run: bool = False,
+             on_epoch_end: Callable[[Encoder, dict[str, Any]], dict[str, Any] | None] | None = None,
+             backbone: nn.Module | None = None, feature_dim: int | None = None, dataset: Any = None,
+             test_dataset: Any = None, views: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Path:
+    """Train ``cfg``'s encoder; returns the run folder. Resumes when the folder already holds a checkpoint.
+
+    ``dry_run``: the full model and view size on fake data (checking that the config's data is there), a global
+    batch of at most 8 (a big config fits a small machine), two steps; no run folder or database row is kept.
+    ``on_epoch_end(encoder, metrics)``: called on rank 0 after each epoch's measurements with the online
+    encoder (no DDP wrapper) and the epoch's metrics so far; the scalars it returns join the epoch record
+    (``metrics.jsonl``, ``runs.db``, loggers) before the checkpoint of the epoch end is written. The Python and
+    torch RNG states and the encoder's train/eval mode are restored after it, so it cannot perturb the run.
+    ``backbone`` (with its width ``feature_dim``, else measured), ``dataset`` / ``test_dataset`` and ``views``:
+    a caller's own objects in place of the config's (protoclr.custom says what each must be).
+    Raises :class:`TrainingDiverged` when a non-finite loss or gradient stops the run.
+    """
+    own = custom.Own(backbone, feature_dim, dataset, test_dataset, views)
+    cfg, fabric, on_gpu, run_dir = _launch(_from_python(cfg, own.names), dry_run=dry_run)
+    train, test = _load(cfg, dry_run=dry_run, own=own)  # then the views, the timm input size, accuracy or not:
+    cfg = fit_to_data(cfg, None if dry_run and dataset is None else train, test=test, say=fabric.print)
     spec = config_view_spec(cfg.data)
     tc, W, rank = cfg.train, fabric.world_size, fabric.global_rank
     ckpt_file = runs.RunDir(run_dir).checkpoint
     state = checkpoint.load(ckpt_file) if ckpt_file.is_file() and not dry_run else None
     if state is not None:
         runs.check_resumable(state["config"], cfg.to_dict())
+        custom.check_resume(state.get("python"), own.names)
     B, Bl = tc.batch_size, tc.batch_size // W
     steps_per_epoch, total_steps, num_epochs, lrs = schedule(cfg, len(train))
-    tv = train_views(cfg.data)  # global views (resized over training by data.view_sizes) and local views
+    tv = _views(cfg, views)  # global views (resized over training by data.view_sizes) and local views
     Vt = tv.num_views + tv.num_local  # views per image in the loss
     crops = None if getattr(train, "in_memory", True) else _file_backed_crops(cfg, tv)
     learner = Learner(cfg, in_channels=spec.channels, num_classes=len(train.classes), total_steps=total_steps,
-                      lr=float(lrs[0]), sync_batchnorm=on_gpu and W > 1 and cfg.trainer.sync_batchnorm)
+                      lr=float(lrs[0]), sync_batchnorm=on_gpu and W > 1 and cfg.trainer.sync_batchnorm,
+                      backbone=own.backbone_and_width(spec))
     pos = Position(state)
     if state is not None:
-        learner.load_state_dict(state)  # weights, optimizers, target branch
-        fabric.strategy.precision.load_state_dict(state["precision"])
-        checkpoint.set_rng_state(state["rng"])
-        if not torch.equal(state["data_order"], splits.epoch_order(len(train), seed=tc.seed, epoch=pos.epoch)):
-            raise RuntimeError(f"{ckpt_file}: saved data order differs from the recomputed one; the dataset changed")
+        _restore(state, learner, fabric, order=splits.epoch_order(len(train), seed=tc.seed, epoch=pos.epoch),
+                 where=ckpt_file)
         if pos.step >= total_steps:
             fabric.print(f"{run_dir} is complete ({pos.step} steps); nothing to resume")
             return run_dir
@@ -370,12 +427,10 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
     model, optimizer, probe, probe_opt = learner.setup(fabric, cfg.trainer)  # device, precision, DDP wrappers
     objective = targets.objective(cfg.loss, branch, autocast=fabric.autocast)
     monitor = Monitor(cfg, train, test, spec) if cfg.eval.every and not dry_run else None
-    precision = str(fabric._connector._precision_input)
+    precision, at = str(fabric._connector._precision_input), pos.step if state else None  # at: resumed at
     rec = runs.Recorder(run_dir, cfg, enabled=rank == 0 and not dry_run, loggers=fabric.loggers,
                         say=lambda line: (fabric.print(line), sys.stdout.flush()), resume_epoch=pos.epoch,
-                        resume_step=pos.step if state else None, meta=_meta(W, precision, pos.step if state else None),
-                        console_keys=CONSOLE)
-
+                        resume_step=at, meta=_meta(W, precision, at, own.names), console_keys=CONSOLE)
     rec.skipped(list(dict.fromkeys([*getattr(train, "skipped", []), *getattr(test, "skipped", [])])),
                 where=cfg.data.root or cfg.data.dataset)
 
@@ -385,7 +440,8 @@ def pretrain(cfg: Config, *, dry_run: bool = False,
                 **learner.state_dict(), "precision": fabric.strategy.precision.state_dict(),
                 "rng": checkpoint.rng_state(), **pos.state_dict(),
                 "data_order": splits.epoch_order(len(train), seed=tc.seed, epoch=pos.epoch),
-                "config": cfg.to_dict(), "in_channels": spec.channels, "version": protoclr.__version__}, ckpt_file)
+                "config": cfg.to_dict(), "in_channels": spec.channels, "feature_dim": raw.feature_dim,
+                "python": own.names, "version": protoclr.__version__}, ckpt_file)
         fabric.barrier()
 
     stateful = [raw, *branch.modules()]  # what a skipped step restores: the buffers its forward passes changed
