@@ -198,6 +198,8 @@ def test_diagnose_cli_says_so_when_nothing_was_tracked(run, tmp_path, capsys):
     assert diagnose.cli_main([str(bare / "checkpoint.pt"), "--probe-images", "100", "--views", "2"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "no bound or bias terms were tracked" in text and "JSON file only" in text
+    assert "train with eval.diagnostics=true to track them" in text
+    assert "attraction" in text and "supervised" in text  # not cut to "attra…" at rich's 80 columns: output is no tty
     assert not (bare / "diagnostics_over_epochs.png").exists() and (bare / "diagnostics_bias_per_class.png").exists()
     assert "over_epochs" not in json.loads((bare / "diagnostics.json").read_text())["plots"]
     with pytest.raises(NotACheckpoint):

@@ -434,3 +434,34 @@ def test_a_cached_floor_is_recomputed_when_the_protocol_or_the_data_changes(tmp_
             assert M.cached_floor("raw_pixels", key, compute, cache_dir=tmp_path)[1] is False and len(calls) == n + 1
     monkeypatch.setattr(M, "linear_probe_cached", lambda *a, val_fraction=0.2, **k: None)  # another probe default
     assert M.cached_floor("raw_pixels", key, compute, cache_dir=tmp_path)[1] is False
+
+
+def test_cli_shows_no_top5_where_five_classes_or_fewer_make_it_100_percent(tmp_path, capsys):
+    """Top-5 of a 3-class folder is 100% whatever the encoder: the table shows "-" there, top-1 as measured."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from protoclr import evaluate_cmd
+    from protoclr.config import load_config
+    from protoclr.train import pretrain
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        for c in ("a", "b", "c"):
+            (tmp_path / "img" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "img" / split / c
+                                                                                         / f"{i}.png")
+    run = pretrain(load_config(None, [
+        f"train.out_dir={tmp_path}", "train.run_name=r", "train.steps=1", "train.batch_size=8", "eval.every=0",
+        "data.dataset=image_folder", f"data.root={tmp_path / 'img'}", "eval.linear=false", "eval.online_probe=false",
+        "trainer.progress=false", "trainer.loggers=[]"]))
+    capsys.readouterr()
+    assert evaluate_cmd.cli_main([str(run), "--knn", "--k", "5"]) == 0
+    out = capsys.readouterr().out
+    (row,) = [ln for ln in out.splitlines() if " knn " in ln]
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    top1 = json.loads((run / "eval.json").read_text())["knn"]["top1"]
+    assert cells == ["knn", f"{100 * top1:.2f}%", "-"]

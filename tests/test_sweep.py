@@ -100,6 +100,19 @@ def test_bad_grid_names_the_argument(arg, why, capsys):
     assert f"--grid {arg!r}" in err and why in err
 
 
+def test_a_grid_without_a_file_sweeps_the_defaults_and_no_grid_says_how(tmp_path, capsys):
+    from protoclr.cli import main
+
+    out = tmp_path / "lam"
+    assert main(["sweep", "--grid", "loss.lam=1,2", "--seeds", "2", "--set", "train.steps=3", "--plan", "--out",
+                 str(out)]) == 0
+    lines = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")]
+    assert len(lines) == 4 and all(rid.startswith("sweep-lam") for rid in lines), lines
+    assert main(["sweep", "--plan"]) == 2
+    err = capsys.readouterr().err
+    assert "give --grid KEY=V1,V2 to sweep the defaults" in err and len(err.strip().splitlines()) == 1
+
+
 def _base_config_file() -> Path:
     path = Path(os.environ.get("PYTEST_TMP_BASE", "/tmp")) / "protoclr_sweep_base.yaml"
     path.write_text("loss: {name: balanced}\n")

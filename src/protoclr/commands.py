@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from protoclr.data import load_dataset
 from protoclr.errors import NotACheckpoint
@@ -68,4 +69,11 @@ def open_run(args: argparse.Namespace) -> OpenRun:
     return OpenRun(ckpt, ckpt.parent, encoder, cfg, dataset, root)
 
 
-__all__ = ["OpenRun", "open_run", "run_parser"]
+def command_console() -> Console:
+    """The rich console a command prints its tables on: the terminal's width, or 120 columns where output is not a
+    terminal (a log file, a pipe), where rich would wrap at 80 and cut the column headers."""
+    c = Console()
+    return c if c.is_terminal else Console(width=120)
+
+
+__all__ = ["OpenRun", "command_console", "open_run", "run_parser"]

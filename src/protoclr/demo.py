@@ -22,6 +22,7 @@ from rich.table import Table
 
 from protoclr import checkpoint, splits
 from protoclr import measure as M
+from protoclr.commands import command_console
 from protoclr.config import load_config
 from protoclr.data import fetch_fashion_mnist
 from protoclr.measure import evaluate_backbone, random_init_floor, raw_pixel_floor
@@ -54,7 +55,7 @@ def cli_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="protoclr demo", description=cli_main.__doc__)
     p.add_argument("overrides", nargs="*", help="section.key=value applied to the CPU default")
     args = p.parse_args(argv)
-    console = Console()
+    console = command_console()
     cfg = load_config(None, [*RECIPE, "train.out_dir=runs/demo", *args.overrides])
     if cfg.data.dataset == "fashion_mnist":
         fetch_fashion_mnist(cfg.data.root or None, log=console.print)

@@ -19,7 +19,7 @@ import torch
 
 from protoclr import measure as M
 from protoclr.atomic import write_json
-from protoclr.commands import open_run, run_parser
+from protoclr.commands import command_console, open_run, run_parser
 from protoclr.diagnostics import diagnose_features, view_features
 from protoclr.losses import config_alpha
 from protoclr.measure import headline
@@ -234,8 +234,6 @@ def _print_report(console: Any, report: dict[str, Any], *, title: str) -> None:
 
 def cli_main(argv: list[str]) -> int:
     """``protoclr diagnose``: see ``--help``."""
-    from rich.console import Console
-
     p = _parser()
     args = p.parse_args(argv)
     try:
@@ -263,7 +261,7 @@ def cli_main(argv: list[str]) -> int:
     head_alpha = run_alpha if run_alpha in alphas else alphas[0]
     scalars = headline(report, alpha=head_alpha, nu="min")  # as the loop records it
 
-    console = Console()
+    console = command_console()
     title = f"protoclr diagnose: {run_dir.name} on {name}/{split} ({len(probe)} images x {args.views} views)"
     _print_report(console, report, title=title)
     plots = {}
@@ -275,7 +273,7 @@ def cli_main(argv: list[str]) -> int:
     else:
         over_epochs.unlink(missing_ok=True)  # a stale plot from an earlier call would contradict this one
         console.print(f"no bound or bias terms were tracked during training ({RunDir(run_dir).metrics_file} and "
-                      "runs.db hold no diag_* epoch metrics; train with tracking on, or through protoclr sweep), "
+                      "runs.db hold no diag_* epoch metrics: train with eval.diagnostics=true to track them), "
                       "so there is no over-epochs plot")  # fmt: skip
     per_class = run_dir / "diagnostics_bias_per_class.png"
     what = f"prototype bias on {name}/{split}, {len(probe)} images x {args.views} views"

@@ -21,7 +21,7 @@ import torch
 
 from protoclr import atomic, splits
 from protoclr import measure as M
-from protoclr.commands import open_run, run_parser
+from protoclr.commands import command_console, open_run, run_parser
 from protoclr.data import same_images
 from protoclr.errors import UserError
 from protoclr.evaluate import feature_cache_path
@@ -55,7 +55,6 @@ def _parser() -> Any:
 
 def cli_main(argv: list[str]) -> int:
     """``protoclr evaluate``: see ``--help``."""
-    from rich.console import Console
     from rich.table import Table
 
     args = _parser().parse_args(argv)
@@ -127,10 +126,11 @@ def cli_main(argv: list[str]) -> int:
     for col in ("method", "top-1", "top-5", *(groups or {})):
         table.add_column(col, justify="right")
     for method, res in results.items():
-        cells = [f"{100 * res['top1']:.2f}%", f"{100 * res['top5']:.2f}%"]
+        top5 = f"{100 * res['top5']:.2f}%" if len(test.classes) > 5 else "-"  # 5 or fewer classes: always 100%
+        cells = [f"{100 * res['top1']:.2f}%", top5]
         cells += [f"{100 * res['groups'][g]:.2f}%" if math.isfinite(res["groups"][g]) else "-" for g in groups or {}]
         table.add_row(method, *cells)
-    console = Console()
+    console = command_console()
     console.print(table)
     console.print(f"wrote {out_path}; {where}")
     return 0

@@ -361,20 +361,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_sweep(args: argparse.Namespace) -> Sweep:
     """The sweep an argument list describes (a sweep file, or a base config plus --grid/--seeds)."""
-    if args.config is None:
-        raise SweepError("name a sweep file or a base config (or use --merge OUT)")
-    path = Path(args.config)
-    if not path.is_file():
-        raise SweepError(f"{path} does not exist")
-    try:
-        raw = read_yaml(path)
-    except ConfigError as e:
-        raise SweepError(str(e)) from None
-    if not raw:  # an empty file (or only comments) would be one run of the defaults, which nobody means
-        raise SweepError(f"{path} is empty; a sweep file holds grid: (with base:, seeds:, overrides:) and a base "
-                         "config its sections (docs/experiments.md)")
-    is_sweep_file = isinstance(raw, dict) and "grid" in raw
-    sweep = load_sweep_file(path) if is_sweep_file else Sweep(name=path.stem, base=path.resolve(), grid={}, seeds=1)
+    if args.config is None and not args.grid:
+        raise SweepError("name a sweep file or a base config, or give --grid KEY=V1,V2 to sweep the defaults (or use "
+                         "--merge OUT)")
+    if args.config is None:  # a grid over the built-in defaults (with --set)
+        sweep, is_sweep_file = Sweep(name="sweep", base=None, grid={}, seeds=1), False
+    else:
+        path = Path(args.config)
+        if not path.is_file():
+            raise SweepError(f"{path} does not exist")
+        try:
+            raw = read_yaml(path)
+        except ConfigError as e:
+            raise SweepError(str(e)) from None
+        if not raw:  # an empty file (or only comments) would be one run of the defaults, which nobody means
+            raise SweepError(f"{path} is empty; a sweep file holds grid: (with base:, seeds:, overrides:) and a base "
+                             "config its sections (docs/experiments.md)")
+        is_sweep_file = isinstance(raw, dict) and "grid" in raw
+        sweep = load_sweep_file(path) if is_sweep_file else \
+            Sweep(name=path.stem, base=path.resolve(), grid={}, seeds=1)
     grid = dict(sweep.grid)
     for arg in args.grid:
         key, values = parse_grid_arg(arg)
