@@ -353,3 +353,17 @@ def test_the_mde_is_at_the_level_of_the_whole_planned_family_while_few_claims_ar
     r = res["attraction_slack"]
     assert r.mde == pytest.approx(C.mde(sd=r.test.sd, n=3, level=0.05 / 13))
     assert r.mde > C.mde(sd=r.test.sd, n=3, level=0.05 / 5)
+
+
+def test_a_sweep_over_the_defaults_names_them_as_its_config(tmp_path):
+    """`protoclr sweep --grid ...` without a file registers no source and no base: the report says the defaults
+    (it printed "Config: `None`")."""
+    path = tmp_path / "runs.db"
+    _add(path, "sweep", "", {"loss.lam": 1}, 0, Config(), acc=0.5)
+    con = sqlite3.connect(path)
+    con.execute("UPDATE sweep_runs SET spec = ?", (json.dumps({"config": Config().to_dict(), "source": "",
+                                                               "base": None, "command": "protoclr sweep --grid"}),))
+    con.commit()
+    con.close()
+    md = R.write_report(path, tmp_path / "r").read_text()
+    assert "Config: `the built-in defaults`; command: `protoclr sweep --grid`" in md and "`None`" not in md

@@ -122,7 +122,7 @@ def cli_main(argv: list[str]) -> int:
     where = record_final_metrics(run.run_dir, flat)
 
     title = f"protoclr evaluate: {run.run_dir.name} on {name} ({len(train)} train / {len(test)} test)"
-    table = Table(title=title)
+    table = Table()  # the title on a line of its own: a table this narrow would wrap it
     for col in ("method", "top-1", "top-5", *(groups or {})):
         table.add_column(col, justify="right")
     for method, res in results.items():
@@ -131,6 +131,7 @@ def cli_main(argv: list[str]) -> int:
         cells += [f"{100 * res['groups'][g]:.2f}%" if math.isfinite(res["groups"][g]) else "-" for g in groups or {}]
         table.add_row(method, *cells)
     console = command_console()
+    console.print(title)
     console.print(table)
     console.print(f"wrote {out_path}; {where}")
     return 0

@@ -110,7 +110,7 @@ def load_groups(db_path: str | Path) -> tuple[list[Group], dict[str, int]]:
             spec = json.loads(m["spec"])
             key = (m["sweep"], m["point"])
             g = groups.setdefault(key, Group(sweep=m["sweep"], study=m["study"], point=json.loads(m["point"]),
-                                             source=spec.get("source") or str(spec.get("base")),
+                                             source=spec.get("source") or spec.get("base") or "the built-in defaults",
                                              command=spec.get("command", "")))
         g.runs.append(r)
         g.epochs[r["run_id"]] = epochs.get(r["run_id"], [])
