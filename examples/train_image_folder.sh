@@ -19,8 +19,9 @@ images=${1:?usage: examples/train_image_folder.sh PATH/TO/IMAGES [key=value ...]
 shift
 out=${OUT_DIR:-runs}
 
-# 32-px SimCLR views: a start for small photos; for large ones use data.views=simclr (224 px) model.small_images=false
-protoclr pretrain data.dataset=image_folder data.root="$images" data.views=simclr_cifar \
+# The views fit the images: grey or RGB, at their size up to 224 px (one printed line says what was chosen;
+# data.views=... chooses instead). For large photos on a GPU add model.small_images=false (ResNet's own stem).
+protoclr pretrain data.dataset=image_folder data.root="$images" \
     model.backbone=convnet train.epochs=10 train.batch_size=128 \
     train.out_dir="$out" train.run_name=my_images "$@"
 

@@ -115,6 +115,8 @@ def test_image_folder_default_is_the_laptop_convnet_exported_as_safetensors(imag
     encoder, cfg = load_run(run)
     assert (cfg.model.backbone, cfg.train.epochs, cfg.train.batch_size) == ("convnet", 10, 8)  # 8: TINY's override
     assert "run saved in" in out and not (run / "backbone_torchvision.pt").exists()
+    # 36-pixel RGB images: RGB views at 36 px, said in one line (the script once forced 32-pixel views)
+    assert "so the views are simclr_cifar at 36 px" in out and cfg.data.view_overrides == ["size=36"]
     from safetensors.torch import load_file
 
     exported, own = load_file(run / "backbone.safetensors"), encoder.backbone.state_dict()
