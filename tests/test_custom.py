@@ -233,3 +233,29 @@ def test_views_of_the_wrong_size_and_missing_pieces_are_refused(fmnist, tmp_path
     pretrain(tiny(tmp_path, "train.run_name=nolabels", "train.steps=2"), dataset=[x for x, _ in Items(
         train.images[:128], train.labels[:128], train.classes)], test_dataset=test)
     assert "the dataset passed to pretrain has no labels" in capsys.readouterr().out
+
+
+def test_a_rank_with_no_images_to_measure_needs_no_num_features_on_your_backbone():
+    """Monitors shard extraction over processes; a rank whose shard is empty pads with F zero columns. A backbone of
+    the caller's has no ``num_features``: the encoder's width is passed (it raised AttributeError)."""
+    from types import SimpleNamespace
+
+    from protoclr.custom import encoder_with
+    from protoclr.data import LabeledImages
+    from protoclr.measure import backbone_features
+
+    cfg = load_config(None, ["model.projector_hidden_dim=8", "model.projector_dim=4"])
+    spec = config_view_spec(cfg.data)
+    enc = encoder_with(Net(), 16, cfg.model).eval()
+    one = LabeledImages(labels=torch.tensor([3]), classes=[str(c) for c in range(10)],
+                        images=torch.randint(0, 256, (1, 1, 28, 28), dtype=torch.uint8))
+    f0, _ = backbone_features(enc.backbone, one, spec)  # rank 0 holds the only image
+    gathered = []
+
+    def all_gather(f):  # the other rank's rows first, then this one's padding
+        gathered.append(f)
+        return torch.stack([f0, f])
+
+    dist = SimpleNamespace(world_size=2, global_rank=1, all_gather=all_gather)
+    f1, y1 = backbone_features(enc.backbone, one, spec, dist=dist, dim=enc.feature_dim)
+    assert gathered[0].shape == (1, 16) and not gathered[0].any() and torch.equal(f1, f0) and y1.tolist() == [3]

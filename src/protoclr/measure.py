@@ -200,10 +200,11 @@ def score_features(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Ten
 @torch.no_grad()
 def backbone_features(backbone: nn.Module, data: Any, spec: ViewSpec, *, batch_size: int = 1024,
                       device: str | torch.device = "cpu", dist: Any = None, cache: Any = None,
-                      progress: bool = False) -> tuple[Tensor, Tensor]:
+                      progress: bool = False, dim: int | None = None) -> tuple[Tensor, Tensor]:
     """``(features (N, F) float32 on CPU, labels (N,))`` of every image of ``data`` in evaluation mode (the module's
     mode is restored). With ``dist`` (Fabric: ``world_size``, ``global_rank``, ``all_gather``) each process
-    extracts its shard and every process gets all the rows. ``cache``: a file for the features of one process
+    extracts its shard and every process gets all the rows (``dim``: F, for a rank whose shard is empty; default the
+    backbone's ``num_features``). ``cache``: a file for the features of one process
     (:func:`protoclr.evaluate.feature_cache_path`)."""
     was_training = backbone.training
     backbone.eval()
@@ -216,7 +217,7 @@ def backbone_features(backbone: nn.Module, data: Any, spec: ViewSpec, *, batch_s
                                 preprocess=lambda x: eval_images(x, spec), cache=cache if W == 1 else None,
                                 progress=progress) if len(idx) else (None, None)
         if W > 1:
-            dim = backbone.num_features  # every backbone of protoclr.models states its feature width
+            dim = dim or backbone.num_features  # every backbone of protoclr.models states its feature width
             f = torch.zeros(0, dim) if f is None else f
             f = torch.cat([f, f.new_zeros(n - f.shape[0], dim)]).to(device)  # the same length on every rank
             f = dist.all_gather(f).reshape(W * n, dim)[: len(data)].cpu()  # (W, n, F) -> (N, F)
@@ -437,9 +438,9 @@ class Monitor:
         is sharded; the diagnostics run on rank 0 only and the other ranks get none)."""
         bs = self.cfg.eval.batch_size
         f_bank, y_bank = backbone_features(encoder.backbone, self.bank, self.spec, batch_size=bs, device=device,
-                                           dist=dist)
+                                           dist=dist, dim=encoder.feature_dim)
         f_te, y_te = backbone_features(encoder.backbone, self.scored, self.spec, batch_size=bs, device=device,
-                                       dist=dist)
+                                       dist=dist, dim=encoder.feature_dim)
         out = {KNN: score_features(f_bank, y_bank, f_te, y_te, num_classes=len(self.scored.classes),
                                    linear=False)["knn_top1"]}
         if probe is not None:
