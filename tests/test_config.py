@@ -215,3 +215,15 @@ def test_a_queue_is_allowed_exactly_for_the_presets_with_all_negatives(name):
 def test_a_sweep_over_an_unknown_loss_is_refused_before_it_runs():
     with pytest.raises(SweepError, match=r"loss\.name: unknown loss 'foo'"):
         check_sweep(Sweep(name="s", base=None, grid={"loss.name": ["balanced", "foo"]}, seeds=1))
+
+
+def test_an_unquoted_list_of_key_value_items_gets_the_override_that_parses():
+    """data.view_overrides=[crop_scale=[0.08,1.0], size=32] is not YAML; the error spells the quoted override, and
+    that override, as a shell passes it, gives the list meant."""
+    import shlex
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.view_overrides=[crop_scale=[0.08,1.0], size=32]"])
+    fix = str(err.value).split("the argument for the shell: ")[1]
+    assert fix == """'data.view_overrides=["crop_scale=[0.08,1.0]", "size=32"]'"""
+    assert load_config(None, shlex.split(fix)).data.view_overrides == ["crop_scale=[0.08,1.0]", "size=32"]

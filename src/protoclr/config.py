@@ -425,7 +425,12 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_error_text(e)})") from None
+            hint = ""
+            if raw.lstrip().startswith("[") and "=" in raw:  # a list of key=value strings: each must be quoted
+                items = [x.strip() for x in re.split(r",\s*(?![^\[]*\])", raw.strip()[1:-1]) if x.strip()]
+                quoted = ", ".join(json.dumps(x) for x in items)
+                hint = f"; quote each item, and the argument for the shell: '{key}=[{quoted}]'"
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_error_text(e)}){hint}") from None
         *path, last = key.strip().split(".")
         nested: dict[str, Any] = {last: value}
         for part in reversed(path):
