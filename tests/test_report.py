@@ -367,3 +367,23 @@ def test_a_sweep_over_the_defaults_names_them_as_its_config(tmp_path):
     con.close()
     md = R.write_report(path, tmp_path / "r").read_text()
     assert "Config: `the built-in defaults`; command: `protoclr sweep --grid`" in md and "`None`" not in md
+
+
+def test_the_paper_tables_baseline_rows_read_the_shared_baseline_arm(tmp_path):
+    """The plan runs its baseline once (in the balance sweep) and pairs every comparison with it: the paper table's
+    baseline-views and cosine rows show that arm, labelled so (they said "no runs"), and a study that ran its own
+    baseline arm keeps it."""
+    path = tmp_path / "runs.db"
+    base, lam2, no_color = Config(), Config(), Config()
+    lam2.loss.lam = 2.0
+    no_color.data.view_modifiers = ["no_color"]
+    for seed in (0, 1):
+        _add(path, "balance", "loss_balance", {"loss.lam": 1}, seed, base, acc=0.60 + 0.01 * seed)
+        _add(path, "balance", "loss_balance", {"loss.lam": 2}, seed, lam2, acc=0.70)
+        _add(path, "augmentation", "augmentation", {"data.view_modifiers": ["no_color"]}, seed, no_color, acc=0.5)
+    md = R.write_report(path, tmp_path / "r").read_text()
+    rows = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| augmentation |")
+            or line.startswith("| similarity |")}
+    for setting in ("SimCLR augmentations (baseline)", "cosine + normalization"):
+        assert "lam=1 (the shared baseline arm) | 60.50 ± 0.71 (n=2)" in rows[setting], rows[setting]
+    assert "| 50.00 ± 0.00 (n=2) |" in rows["no color distortion"] and "shared" not in rows["no color distortion"]

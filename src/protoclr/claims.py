@@ -217,12 +217,21 @@ def _loss(name: str) -> Callable[[dict[str, Any]], bool]:
     return lambda c: c["loss"]["name"] == name
 
 
+def baseline_arm(c: dict[str, Any]) -> bool:
+    """The plan's shared baseline arm (docs/results/cpu/plan.md: the recipe, balanced lam = 1 at its alpha, cosine,
+    the baseline views, every class): one sweep runs it, and every comparison that needs it pairs with it."""
+    lo, d = c["loss"], c["data"]
+    return (lo["name"] == "balanced" and lo["lam"] == 1 and lo.get("scale", "preset") == "preset"
+            and lo["similarity"] == "cosine" and not d["view_modifiers"] and d.get("class_profile", "none") == "none")
+
+
 # The paper's results, the one table of its figures (the claims below and protoclr.report read it): top-1
 # linear accuracy (%), ResNet-50 on ImageNet for 100 epochs at batch 512 unless the dataset says otherwise.
-# ``select`` picks this setting's runs from a run's config; ``best`` rows take the grid point with the highest mean.
+# ``select`` picks this setting's runs from a run's config; ``best`` rows take the grid point with the highest mean;
+# ``shared`` rows are the baseline setting, read from the shared baseline arm when their study ran no such arm.
 PAPER: list[dict[str, Any]] = [
     dict(id="baseline", study="augmentation", setting="SimCLR augmentations (baseline)", dataset="ImageNet",
-         acc=65.98, bias=36.72, select=_mods()),
+         acc=65.98, bias=36.72, select=_mods(), shared=True),
     dict(id="no_blur", study="augmentation", setting="no Gaussian blur", dataset="ImageNet", acc=64.57, bias=37.43,
          select=_mods("no_blur")),
     dict(id="rotation", study="augmentation", setting="add random rotation", dataset="ImageNet", acc=63.30,
@@ -232,7 +241,7 @@ PAPER: list[dict[str, Any]] = [
     dict(id="cutout", study="augmentation", setting="add random cutout", dataset="ImageNet", acc=65.76, bias=None,
          select=_mods("add_cutout")),
     dict(id="cosine", study="similarity", setting="cosine + normalization", dataset="ImageNet", acc=65.98,
-         select=_similarity("cosine")),
+         select=_similarity("cosine"), shared=True),
     dict(id="dot", study="similarity", setting="dot product (no normalization: our reading)", dataset="ImageNet",
          acc=0.43, select=_similarity("dot")),
     dict(id="neg_euclidean", study="similarity", setting="negative Euclidean distance (no normalization: our "
@@ -474,6 +483,26 @@ def answer(groups: list[Any], claims: list[Claim] | None = None) -> list[ClaimRe
     return results
 
 
-__all__ = ["CLAIMS", "FAMILY_ALPHA", "NOT_A_TREATMENT", "NOT_TESTED", "PAPER", "RESULT_STATUSES", "Claim",
-           "ClaimResult", "Test", "answer", "claim_units", "fig", "holm", "mde", "paired_test", "sig3", "t_cdf",
-           "t_ppf", "t_test_power", "verdict"]
+__all__ = [
+    "CLAIMS",
+    "FAMILY_ALPHA",
+    "NOT_A_TREATMENT",
+    "NOT_TESTED",
+    "PAPER",
+    "RESULT_STATUSES",
+    "Claim",
+    "ClaimResult",
+    "Test",
+    "answer",
+    "baseline_arm",
+    "claim_units",
+    "fig",
+    "holm",
+    "mde",
+    "paired_test",
+    "sig3",
+    "t_cdf",
+    "t_ppf",
+    "t_test_power",
+    "verdict",
+]

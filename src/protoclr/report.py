@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from protoclr import atomic
-from protoclr.claims import FAMILY_ALPHA, MIN_N, NOT_TESTED, PAPER, POWER, RESULT_STATUSES, answer, sig3
+from protoclr.claims import FAMILY_ALPHA, MIN_N, NOT_TESTED, PAPER, POWER, RESULT_STATUSES, answer, baseline_arm, sig3
 from protoclr.measure import (
     ATTRACTION_GAP,
     ATTRACTION_SSL,
@@ -458,6 +458,9 @@ def section_paper(doc: Doc, groups: list[Group]) -> None:
     rows = []
     for ref in PAPER:
         chosen = [g for g in groups if g.study == ref["study"] and g.runs and ref["select"](g.config)]
+        shared = not chosen and ref.get("shared", False)  # the baseline setting: the shared arm stands for it
+        if shared:
+            chosen = [g for g in groups if g.runs and ref["select"](g.config) and baseline_arm(g.config)]
         paper = f"{ref['acc']:.2f}" + (f" (bias {ref['bias']:.2f})" if ref.get("bias") is not None else "")
         if not chosen:
             rows.append([ref["study"], ref["setting"], ref["dataset"], paper, "-", "no runs", "-"])
@@ -476,7 +479,8 @@ def section_paper(doc: Doc, groups: list[Group]) -> None:
                     here += f"; {g.diverged} of {len(g.runs)} runs diverged"
                 if ref.get("bias") is not None and g.values(BIAS):
                     here += f"; bias {fmt(g.values(BIAS))}"
-                rows.append([ref["study"], ref["setting"], ref["dataset"], paper, f"{ds}: {g.label}", here,
+                point = f"{ds}: {g.label}" + (" (the shared baseline arm)" if shared else "")
+                rows.append([ref["study"], ref["setting"], ref["dataset"], paper, point, here,
                              f"{g.sweep} ({g.source})"])
     doc.table(["study", "setting", "paper dataset", "paper", "here (dataset: point)", "here", "sweep (config)"],
               rows)
