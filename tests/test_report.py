@@ -387,3 +387,21 @@ def test_the_paper_tables_baseline_rows_read_the_shared_baseline_arm(tmp_path):
     for setting in ("SimCLR augmentations (baseline)", "cosine + normalization"):
         assert "lam=1 (the shared baseline arm) | 60.50 ± 0.71 (n=2)" in rows[setting], rows[setting]
     assert "| 50.00 ± 0.00 (n=2) |" in rows["no color distortion"] and "shared" not in rows["no color distortion"]
+    # the augmentation section sets the no-colour arm beside the shared baseline arm, and says where it comes from
+    aug = md.split("## Augmentations and prototype bias")[1].split("\n## ")[0]
+    assert "over the 2 augmentation sets" in aug and "the plan's shared baseline arm" in aug
+    assert "| balance | lam=1 | 60.50 ± 0.71 (n=2) |" in aug and "| augmentation | view_modifiers=no_color |" in aug
+
+
+def test_a_point_whose_runs_all_diverged_says_so_with_its_last_good_checkpoint(tmp_path):
+    path = tmp_path / "runs.db"
+    dot = Config()
+    dot.loss.similarity = "dot"
+    for seed in (0, 1):
+        _add(path, "sim", "similarity", {"loss.similarity": "dot"}, seed, dot, acc=None, status="diverged",
+             extra={"eval_linear_top1_last_good": 0.40 + 0.02 * seed, "eval_knn_top1_last_good": 0.30})
+    md = R.write_report(path, tmp_path / "r").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| sim | similarity=dot | "))
+    assert row.startswith("| sim | similarity=dot | diverged; last good checkpoint 41.00 ± 1.41 (n=2) | diverged; "
+                          "last good checkpoint 30.00 ± 0.00 (n=2) |"), row
+    assert "not measured" not in row and "2/2 done, 2 diverged" in row

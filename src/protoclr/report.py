@@ -392,9 +392,15 @@ def _stat_row(g: Group) -> list[str]:
     status = f"{len(g.runs) - len(other)}/{len(g.runs)} done" + (f", {g.diverged} diverged" if g.diverged else "")
     if other:
         status += ", " + ", ".join(f"{other.count(s)} {s}" for s in sorted(set(other)))
-    empty = "not measured" if len(other) < len(g.runs) else "no runs"  # runs ended, without this metric
-    return [g.sweep, g.label, fmt(g.values(ACC), scale=100, empty=empty),
-            fmt(g.values(EVAL_KNN), scale=100, empty=empty), fmt(g.values(BIAS), empty=empty),
+    ended = len(g.runs) - len(other)
+    empty = "no runs" if not ended else "diverged" if g.diverged == ended else "not measured"  # ended without it
+
+    def acc(key: str) -> str:  # a diverged run's probes are its last good checkpoint's, said so
+        if not g.values(key) and g.values(last_good(key)):
+            return f"diverged; last good checkpoint {fmt(g.values(last_good(key)), scale=100)}"
+        return fmt(g.values(key), scale=100, empty=empty)
+
+    return [g.sweep, g.label, acc(ACC), acc(EVAL_KNN), fmt(g.values(BIAS), empty=empty),
             fmt(g.values(BIAS_DEBIASED), empty=empty), status]
 
 
@@ -506,6 +512,9 @@ def section_augmentation(doc: Doc, groups: list[Group]) -> None:
     doc.h(2, "Augmentations and prototype bias")
     gs = [g for g in groups if g.study == "augmentation"]
     paper = [(r["bias"], r["acc"]) for r in PAPER if r["study"] == "augmentation" and r.get("bias") is not None]
+    baseline_views = next(r["select"] for r in PAPER if r["id"] == "baseline")
+    if gs and not any(baseline_views(g.config) for g in gs):  # the baseline views: the plan's shared arm
+        gs += [g for g in groups if g.study != "augmentation" and g.runs and baseline_arm(g.config)]
     rho_paper = spearman([b for b, _ in paper], [a for _, a in paper])
     if not gs:
         doc.p("No runs of this study in the database (sweeps with `study: augmentation`).")
@@ -518,7 +527,9 @@ def section_augmentation(doc: Doc, groups: list[Group]) -> None:
         doc.p(f"Spearman rank correlation of mean bias and mean accuracy over the {len(pts)} augmentation sets: "
               f"{rho:.2f} (paper, over its {len(paper)} sets with a reported bias: {rho_paper:.2f}). "
               "The paper's claim is a negative correlation: more bias, lower accuracy."
-              + (" Fewer than 3 sets: no correlation computed." if len(pts) < 3 else ""))
+              + (" Fewer than 3 sets: no correlation computed." if len(pts) < 3 else "")
+              + (" The baseline views are the plan's shared baseline arm (its own sweep, named in the table)."
+                 if any(g.study != "augmentation" for g in sub) else ""))
         name = f"bias_vs_accuracy_{ds}.png"
         doc.image(name, bias_scatter(sub, f"{ds}: accuracy vs prototype bias (mean ± std over seeds)"), name)
         doc.table(STAT_HEADER, [_stat_row(g) for g in sub])
