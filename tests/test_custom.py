@@ -259,3 +259,19 @@ def test_a_rank_with_no_images_to_measure_needs_no_num_features_on_your_backbone
     dist = SimpleNamespace(world_size=2, global_rank=1, all_gather=all_gather)
     f1, y1 = backbone_features(enc.backbone, one, spec, dist=dist, dim=enc.feature_dim)
     assert gathered[0].shape == (1, 16) and not gathered[0].any() and torch.equal(f1, f0) and y1.tolist() == [3]
+
+
+def test_a_view_function_that_raises_leaves_both_rngs_as_they_were():
+    spec = config_view_spec(load_config(None).data)
+
+    def broken(image):
+        random.random()
+        raise RuntimeError("bad view")
+
+    random.seed(3)
+    torch.manual_seed(3)
+    before = (random.getstate(), torch.get_rng_state())
+    with pytest.raises(RuntimeError, match="bad view"):
+        FunctionViews(broken, spec).make(torch.zeros(1, 1, 28, 28, dtype=torch.uint8), seed=0, epoch=0,
+                                         indices=torch.tensor([0]))
+    assert random.getstate() == before[0] and torch.equal(torch.get_rng_state(), before[1])

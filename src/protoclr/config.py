@@ -26,7 +26,6 @@ from typing import Any
 import yaml
 
 from protoclr import data, loggers, losses, models, optim, targets, views
-from protoclr.custom import PYTHON
 from protoclr.errors import ConfigError
 
 
@@ -250,7 +249,7 @@ class Config:
             *[("trainer.loggers", name, "logger", loggers.LOGGERS) for name in self.trainer.loggers],
         ]
         for key, value, what, table in choices:
-            if value not in table and not (key == "data.dataset" and value == PYTHON):  # set by pretrain(dataset=)
+            if value not in table and not (key == "data.dataset" and value == data.PYTHON):  # pretrain(dataset=)
                 close = difflib.get_close_matches(str(value), list(table), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"{key}: unknown {what} {value!r}; choose one of {', '.join(table)}{hint}")
@@ -344,7 +343,7 @@ class Config:
         if m.timm_img_size and m.timm_img_size != spec.size:
             raise ConfigError(f"model.timm_img_size: {m.timm_img_size} differs from the {spec.size}-pixel views of "
                               f"data.views={d.views}; set model.timm_img_size={spec.size}")
-        if m.backbone != PYTHON:  # PYTHON: set by pretrain(backbone=) (protoclr.custom)
+        if m.backbone != data.PYTHON:  # set by pretrain(backbone=) (protoclr.custom)
             models.check_backbone(m.backbone)  # timm names: against timm.list_models(), no model built
         return self
 

@@ -167,14 +167,16 @@ class FunctionViews:
         """``images`` ``(B, C, H, W)`` uint8 -> ``[(V*B, C', s, s)]`` float32 (row ``v * B + b``)."""
         out = []
         py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            for v in range(self.num_views):
-                for b, i in enumerate(indices.tolist()):
-                    s = view_seed(seed, epoch, int(i), v)
-                    torch.manual_seed(s)
-                    random.seed(s)
-                    out.append(self._check(self.fn(images[b])))
-        random.setstate(py_state)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for v in range(self.num_views):
+                    for b, i in enumerate(indices.tolist()):
+                        s = view_seed(seed, epoch, int(i), v)
+                        torch.manual_seed(s)
+                        random.seed(s)
+                        out.append(self._check(self.fn(images[b])))
+        finally:  # torch's state is restored by fork_rng, Python's here, also when the function raises
+            random.setstate(py_state)
         return [torch.stack(out)]  # (V*B, C', s, s)
 
     def _check(self, x: Any) -> Tensor:
@@ -184,14 +186,10 @@ class FunctionViews:
         if not isinstance(x, Tensor) or not x.is_floating_point() or tuple(x.shape) != want:
             got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ConfigError(f"views {_name(self.fn)} returns {got} for one image; evaluation feeds the backbone "
-                              f"float {want} (data.views={self.spec_name}): return that, normalised by "
-                              "spec.mean and spec.std, or set data.views / data.view_overrides=[size=S]")
+                              f"float {want} (the config's data.views): return that, normalised by spec.mean "
+                              "and spec.std, or set data.views / data.view_overrides=[size=S]")
         self.checked = True
         return x
-
-    @property
-    def spec_name(self) -> str:
-        return f"{self.spec.channels}-channel {self.spec.size}-pixel"
 
 
 @dataclass
