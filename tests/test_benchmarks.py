@@ -93,8 +93,8 @@ def test_eval_speed_runs_every_stage_and_prints_the_ratios(tmp_path):
          "--train-images", "200", "--test-images", "50", "--train-steps", "1"],
         check=True, capture_output=True, text=True, cwd=tmp_path,
     ).stdout
-    for line in ("forward + backward", "now / before", "float64 on the same features", "probe / one sklearn fit",
-                 "probe / previous"):
+    for line in ("forward + backward", "now / before", "now / NCHW weights", "float64 on the same features",
+                 "probe / one sklearn fit", "probe / previous"):
         assert line in out, out
 
 

@@ -159,6 +159,31 @@ def test_extract_features_batches_and_cache(tmp_path):
         ev.extract_features(model_fn, images, batch_size=0)
 
 
+@pytest.mark.parametrize("stored", ["contiguous", "channels_last"])
+def test_extract_features_runs_channels_last_weights_and_gives_the_module_back(stored):
+    """Inside, the convolution weights are channels-last (what makes oneDNN stay NHWC); afterwards every
+    parameter holds its own tensor again (same storage, same strides) and the features equal the NCHW path's."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.MaxPool2d(2), torch.nn.Conv2d(8, 4, 3), torch.nn.Flatten()).eval()
+    if stored == "channels_last":
+        net = net.to(memory_format=torch.channels_last)
+    before = [(p.data_ptr(), p.stride()) for p in net.parameters()]
+    seen = []
+    net[0].register_forward_pre_hook(lambda m, args: seen.append(m.weight.is_contiguous(
+        memory_format=torch.channels_last)))
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    fast, _ = ev.extract_features(net, images, batch_size=4, precision="32-true")
+    assert seen == [True] * 3
+    assert [(p.data_ptr(), p.stride()) for p in net.parameters()] == before
+    plain, _ = ev.extract_features(net, images, batch_size=4, precision="32-true", channels_last=False)
+    assert seen[3:] == [stored == "channels_last"] * 3
+    with torch.no_grad():
+        reference = net.double()(images.double() / 255).float()
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, reference, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # linear probes
 
@@ -206,6 +231,9 @@ def test_linear_probe_cached_groups_and_errors():
         ev.linear_probe_cached(x, y, x, y, num_classes=4, weight_decays=())
     with pytest.raises(ValueError, match="test_labels"):
         ev.linear_probe_cached(x, y, x, y[:5], num_classes=4)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="patience"):
+            ev.linear_probe_cached(x, y, x, y, num_classes=4, patience=bad)
 
 
 def test_group_accuracy_hand_values():

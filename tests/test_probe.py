@@ -68,17 +68,45 @@ def test_probe_chooses_the_decay_and_reaches_the_accuracy_of_an_exhaustive_sklea
     assert abs(out["top1"] - sk_top1) <= 0.003, (out["top1"], sk_top1)
 
 
+def test_the_decay_path_stops_after_patience_decays_below_the_best(digits):
+    """600 digit rows with 200 noise features overfit at small decays: validation top-1 over (1 ... 1e-6) rises,
+    holds, then falls. The path fits exactly the decays a plain reading of the rule keeps (largest first; stop once
+    ``patience`` in a row score strictly below the best so far), each with the exhaustive path's score, and picks
+    the exhaustive choice."""
+    x_tr, y_tr, _, _ = digits
+    noise = torch.randn(len(x_tr), 200, generator=torch.Generator().manual_seed(0))
+    x, y = torch.cat([x_tr, noise], 1)[:600], y_tr[:600]
+    grid = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    probe = {p: ev.linear_probe_cached(x, y, x[:100], y[:100], num_classes=10, weight_decays=grid, patience=p)
+             for p in (None, 1, 2)}
+    every = probe[None]["val_top1"]
+    assert set(every) == set(grid)
+    for patience in (1, 2):
+        kept, below = [], 0
+        for wd in sorted(grid, reverse=True):
+            kept.append(wd)
+            below = below + 1 if every[wd] < max(every[k] for k in kept) else 0
+            if below == patience:
+                break
+        assert len(kept) < len(grid), (patience, every)  # the rule skips decays here: the test is not vacuous
+        assert probe[patience]["val_top1"] == {wd: every[wd] for wd in grid if wd in kept}
+        assert probe[patience]["weight_decay"] == max(kept, key=lambda wd: (every[wd], wd))
+    assert probe[2]["weight_decay"] == probe[None]["weight_decay"]
+
+
 @pytest.mark.parametrize("wd", [1e-2, 1e-4, 1e-6])
 def test_fit_leaves_no_larger_objective_gap_than_sklearn_default_fit(digits, wd):
     """The probe's rule (max |gradient| <= 1e-4, float32 features) against scikit-learn's own default fit
-    (float64, the same rule through scipy): the objective above the tight optimum is at most 1.5 times
-    scikit-learn's (measured: 0.4x, 0.65x, 1.2x at 1e-2, 1e-4, 1e-6; tol=1e-3 leaves 20x-50x)."""
+    (float64, the same rule through scipy, checked after every iteration as the probe checks it): the objective
+    above the tight optimum is at most 3 times scikit-learn's. Measured: 1.55x, 1.22x, 1.92x at 1e-2, 1e-4, 1e-6
+    (checked every 10 iterations, which runs up to 9 past the rule, it was 0.4x, 0.65x, 1.2x); tol=1e-3 leaves
+    143x, 25x, 14x."""
     x_tr, y_tr, _, _ = digits
     xs, _ = _standardize(x_tr, x_tr)
     clf = _sklearn(xs, y_tr, wd)
     best = _objective(xs, y_tr, clf.coef_, clf.intercept_, wd)
     default = _sklearn(xs, y_tr, wd, tol=1e-4)
-    allowed = 1.5 * (_objective(xs, y_tr, default.coef_, default.intercept_, wd) - best) + 1e-6
+    allowed = 3 * (_objective(xs, y_tr, default.coef_, default.intercept_, wd) - best) + 1e-6
     w, b = ev.fit_linear_classifier(xs.float(), y_tr, num_classes=10, weight_decay=wd, tol=1e-4)
     gap = _objective(xs, y_tr, w, b, wd) - best
     assert -1e-7 <= gap <= allowed, (gap, allowed)

@@ -1,6 +1,6 @@
 """``protoclr demo`` (``make demo``): the CPU default pretrained, then scored beside its floors, in one table.
 
-    protoclr demo                          # Fashion-MNIST (fetched when missing), its CPU recipe, ~10 minutes
+    protoclr demo                          # Fashion-MNIST (fetched when missing), its CPU recipe, ~7 minutes
     protoclr demo train.steps=200          # any override of the CPU default
 
 Rows: raw pixels (centered), the encoder before training (same seed) and after it, each with weighted kNN and the

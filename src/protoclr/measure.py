@@ -48,7 +48,8 @@ from protoclr.views import ViewSpec, eval_images
 
 KNN_K = 200  # neighbours (InstDisc, Wu et al. 2018)
 KNN_TEMPERATURE = 0.1  # weight exp(sim / T)
-PROTOCOL_REVISION = 2  # bumped when the protocol code changes its numbers (2: preconditioned probe, bf16 features)
+PROTOCOL_REVISION = 3  # bumped when the protocol code changes its numbers (2: preconditioned probe, bf16 features;
+# 3: the probe checks its rule every iteration, stops the decay path after two falls, starts from a coarse fit)
 
 # score_features' scores (a protocol's two numbers, before a key names where they were measured)
 SCORE_KNN, SCORE_LINEAR = "knn_top1", "linear_top1"
@@ -198,7 +199,7 @@ def score_features(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Ten
 
 
 @torch.no_grad()
-def backbone_features(backbone: nn.Module, data: Any, spec: ViewSpec, *, batch_size: int = 1024,
+def backbone_features(backbone: nn.Module, data: Any, spec: ViewSpec, *, batch_size: int = 512,
                       device: str | torch.device = "cpu", dist: Any = None, cache: Any = None,
                       progress: bool = False, dim: int | None = None) -> tuple[Tensor, Tensor]:
     """``(features (N, F) float32 on CPU, labels (N,))`` of every image of ``data`` in evaluation mode (the module's
@@ -227,7 +228,7 @@ def backbone_features(backbone: nn.Module, data: Any, spec: ViewSpec, *, batch_s
 
 
 def evaluate_backbone(backbone: nn.Module, train: Any, test: Any, spec: ViewSpec, *, knn: bool = True,
-                      linear: bool = True, batch_size: int = 1024, device: str | torch.device = "cpu",
+                      linear: bool = True, batch_size: int = 512, device: str | torch.device = "cpu",
                       stage: Callable[[str], Any] | None = None, progress: bool = False) -> dict[str, float]:
     """The protocol (module docstring) for ``backbone``, fitted on every image of ``train``, scored on ``test``.
     ``stage(name)``: a context manager entered around each stage ("features", "kNN", "linear probe"), e.g. to
