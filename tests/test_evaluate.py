@@ -82,6 +82,29 @@ def test_knn_matches_sklearn_on_digits():
     assert acc["top1"] > 0.9 and acc["top5"] >= acc["top1"]
 
 
+def test_knn_and_probe_bars_count_their_chunks_and_decays_and_change_no_number(monkeypatch):
+    """``progress=True`` wraps the kNN's chunks and the probe's decay path in a rich bar (its total is what the
+    remaining time is estimated from) and leaves every score as it was."""
+    import rich.progress
+
+    bars = []
+
+    def track(seq, *, description, total, transient):
+        bars.append((description, total, transient))
+        yield from seq
+
+    monkeypatch.setattr(rich.progress, "track", track)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 8, generator=g), torch.randint(0, 3, (300,), generator=g)
+    quiet = ev.knn_predict(x, y, x[:50], num_classes=3, k=10, chunk_size=20)
+    assert torch.equal(ev.knn_predict(x, y, x[:50], num_classes=3, k=10, chunk_size=20, progress=True), quiet)
+    assert bars == [("kNN", 3, True)]
+    plain = ev.linear_probe_cached(x, y, x[:50], y[:50], num_classes=3, weight_decays=(1e-3, 1e-2, 1e-1))
+    shown = ev.linear_probe_cached(x, y, x[:50], y[:50], num_classes=3, weight_decays=(1e-3, 1e-2, 1e-1),
+                                   progress=True)
+    assert shown == plain and bars[1] == ("probe (decays)", 3, True)
+
+
 def test_topk_accuracy_hand_values():
     scores = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
     labels = torch.tensor([2, 0, 0, 2])

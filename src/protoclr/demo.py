@@ -36,7 +36,7 @@ RECIPE = ["loss.alpha=8", "model.convnet_pool=2", "train.steps=1400", "eval.ever
 
 def _stage_printer(console: Console):
     """``stage(name)``: a context manager that prints one line with ``name`` and its time when it ends, and on a
-    terminal also a line when it starts (the feature stage then shows a bar with the remaining time)."""
+    terminal also a line when it starts, then a bar with the remaining time (features, kNN, the probe's decays)."""
 
     @contextlib.contextmanager
     def stage(name: str):
@@ -77,7 +77,8 @@ def cli_main(argv: list[str]) -> int:
     init_key = {**key, "model": cfg.to_dict()["model"], "seed": cfg.train.seed}
     rows = {}
     for name, floor, k, compute in (
-            ("raw pixels (centered)", "raw_pixels", key, lambda: raw_pixel_floor(train, test, stage=stage)),
+            ("raw pixels (centered)", "raw_pixels", key,
+             lambda: raw_pixel_floor(train, test, stage=stage, progress=console.is_terminal)),
             (f"{cfg.model.backbone}, random init", "random_init", init_key,
              lambda: random_init_floor(cfg, train, test, spec, stage=stage, progress=console.is_terminal))):
         console.print(f"{name}:")

@@ -76,6 +76,7 @@ def knn_predict(
     k: int = 200,
     temperature: float = 0.1,
     chunk_size: int | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """Class scores of a cosine-similarity weighted kNN classifier.
 
@@ -87,6 +88,7 @@ def knn_predict(
     processed ``chunk_size`` at a time so memory is ``chunk_size * N`` similarities; by default the chunk is
     sized to keep that block under 64 MiB (50,000 x 10,000 in float32 peaks at about 70 MiB besides the
     inputs). Scores are in the dtype of the features; ties in the top-k are broken as ``torch.topk`` does.
+    ``progress``: a transient rich bar over the chunks, with the remaining time.
     """
     _check_num_classes(num_classes)
     _check_features("train_features", train_features)
@@ -114,7 +116,12 @@ def knn_predict(
     test = F.normalize(test_features.to(device=train.device, dtype=dtype), dim=1)  # (M, D)
     labels = train_labels.to(train.device)
     scores = torch.zeros(test.shape[0], num_classes, dtype=dtype, device=train.device)
-    for start in range(0, test.shape[0], chunk_size):
+    starts = range(0, test.shape[0], chunk_size)
+    if progress:
+        from rich.progress import track
+
+        starts = track(starts, description="kNN", total=len(starts), transient=True)
+    for start in starts:
         sim = test[start : start + chunk_size] @ train.T  # (b, N)
         top_sim, top_idx = sim.topk(k, dim=1)  # (b, k)
         weights = (top_sim / temperature).exp()  # (b, k)
@@ -148,6 +155,7 @@ def knn_accuracy(
     k: int = 200,
     temperature: float = 0.1,
     chunk_size: int | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Top-1 and top-5 accuracy (fractions) of :func:`knn_predict` on labeled test features.
 
@@ -161,6 +169,7 @@ def knn_accuracy(
         k=k,
         temperature=temperature,
         chunk_size=chunk_size,
+        progress=progress,
     )
     return topk_accuracy(scores, test_labels)
 
@@ -451,6 +460,7 @@ def linear_probe_cached(
     standardize: bool = True,
     groups: dict[str, Any] | None = None,
     patience: int | None = 2,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Linear probe on features computed once: pick weight decay on a held-out split, refit, test.
 
@@ -467,7 +477,8 @@ def linear_probe_cached(
     validation top-1 does not fall twice and then rise again toward smaller decays. ``standardize`` centres and scales
     each feature by training statistics first (a fixed affine map, so the probe stays linear in the frozen features).
     Features are used in their own dtype (float32 from :func:`extract_features`). Returns top1/top5 on the test rows,
-    the chosen ``weight_decay``, ``val_top1`` per decay fitted, and per-group top-1 if ``groups``.
+    the chosen ``weight_decay``, ``val_top1`` per decay fitted, and per-group top-1 if ``groups``. ``progress``: a
+    transient rich bar over the decays, with the remaining time (the path may stop before its end).
     """
     _check_num_classes(num_classes)
     for name, f in (("train_features", train_features), ("test_features", test_features)):
@@ -506,7 +517,12 @@ def linear_probe_cached(
     if len(y_fit) >= _COARSE_MIN_ROWS and y_fit[sub].unique().numel() == y_fit.unique().numel():
         start = fit_linear_classifier(x_fit[sub].contiguous(), y_fit[sub], num_classes=num_classes,
                                       weight_decay=max(weight_decays), max_iter=max_iter, tol=tol, eigenbasis=basis)
-    for wd in sorted(set(weight_decays), reverse=True):  # the path from the largest decay down, warm-started
+    path = sorted(set(weight_decays), reverse=True)  # from the largest decay down, each fit warm-started
+    if progress:
+        from rich.progress import track
+
+        path = track(path, description="probe (decays)", total=len(path), transient=True)
+    for wd in path:
         start = solution[wd] = fit_linear_classifier(x_fit, y_fit, num_classes=num_classes, weight_decay=wd,
                                                      max_iter=max_iter, tol=tol, init=start, eigenbasis=basis)
         val_top1[wd] = topk_accuracy(x_tr[val_idx] @ start[0].T + start[1], y_tr[val_idx], ks=(1,))["top1"]

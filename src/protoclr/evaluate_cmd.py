@@ -96,10 +96,10 @@ def cli_main(argv: list[str]) -> int:
         f_te, y_te = features(test, d.test_split)
     if do_knn:
         results["knn"] = M.knn_scores(f_tr, y_tr, f_te, y_te, num_classes=num_classes, k=args.k,
-                                      temperature=args.temperature, groups=groups)
+                                      temperature=args.temperature, groups=groups, progress=True)
     if args.linear == "cached":
         results["linear_cached"] = M.cached_probe_scores(f_tr, y_tr, f_te, y_te, num_classes=num_classes,
-                                                         groups=groups)
+                                                         groups=groups, progress=True)
         results["linear_cached"]["val_top1"] = {f"{k:g}": v for k, v in results["linear_cached"]["val_top1"].items()}
     elif args.linear == "augmented":
         results["linear_augmented"] = M.augmented_probe_scores(

@@ -182,19 +182,21 @@ def command_metrics(results: dict[str, dict[str, Any]], *, fit_images: int = 0, 
 
 
 def score_features(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor, *, num_classes: int,
-                   knn: bool = True, linear: bool = True, stage: Callable[[str], Any] | None = None
-                   ) -> dict[str, float]:
-    """``{"knn_top1", "linear_top1"}`` (those asked for): ``f_*`` (N, F) / (M, F), ``y_*`` (N,) / (M,). ``stage``:
-    as in :func:`evaluate_backbone`."""
+                   knn: bool = True, linear: bool = True, stage: Callable[[str], Any] | None = None,
+                   progress: bool = False) -> dict[str, float]:
+    """``{"knn_top1", "linear_top1"}`` (those asked for): ``f_*`` (N, F) / (M, F), ``y_*`` (N,) / (M,). ``stage``,
+    ``progress``: as in :func:`evaluate_backbone`."""
     stage = stage or (lambda name: contextlib.nullcontext())
     out = {}
     if knn:
         with stage(f"kNN ({len(f_test):,} x {len(f_train):,})"):
             out[SCORE_KNN] = knn_accuracy(f_train, y_train, f_test, y_test, num_classes=num_classes,
-                                          k=min(KNN_K, len(f_train)), temperature=KNN_TEMPERATURE)["top1"]
+                                          k=min(KNN_K, len(f_train)), temperature=KNN_TEMPERATURE,
+                                          progress=progress)["top1"]
     if linear:
         with stage(f"linear probe ({len(f_train):,} x {f_train.shape[1]})"):
-            out[SCORE_LINEAR] = linear_probe_cached(f_train, y_train, f_test, y_test, num_classes=num_classes)["top1"]
+            out[SCORE_LINEAR] = linear_probe_cached(f_train, y_train, f_test, y_test, num_classes=num_classes,
+                                                    progress=progress)["top1"]
     return out
 
 
@@ -232,21 +234,24 @@ def evaluate_backbone(backbone: nn.Module, train: Any, test: Any, spec: ViewSpec
                       stage: Callable[[str], Any] | None = None, progress: bool = False) -> dict[str, float]:
     """The protocol (module docstring) for ``backbone``, fitted on every image of ``train``, scored on ``test``.
     ``stage(name)``: a context manager entered around each stage ("features", "kNN", "linear probe"), e.g. to
-    print its time; ``progress``: a bar with the remaining time while features are extracted."""
+    print its time; ``progress``: a bar with the remaining time in each stage (features, kNN, the probe's decays)."""
     stage = stage or (lambda name: contextlib.nullcontext())
     with stage(f"features of {len(train) + len(test):,} images"):
         f_tr, y_tr = backbone_features(backbone, train, spec, batch_size=batch_size, device=device, progress=progress)
         f_te, y_te = backbone_features(backbone, test, spec, batch_size=batch_size, device=device, progress=progress)
-    return score_features(f_tr, y_tr, f_te, y_te, num_classes=len(test.classes), knn=knn, linear=linear, stage=stage)
+    return score_features(f_tr, y_tr, f_te, y_te, num_classes=len(test.classes), knn=knn, linear=linear, stage=stage,
+                          progress=progress)
 
 
 def knn_scores(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor, *, num_classes: int,
-               k: int = KNN_K, temperature: float = KNN_TEMPERATURE, groups: dict[str, Any] | None = None
-               ) -> dict[str, Any]:
+               k: int = KNN_K, temperature: float = KNN_TEMPERATURE, groups: dict[str, Any] | None = None,
+               progress: bool = False) -> dict[str, Any]:
     """The protocol's weighted kNN in detail: ``top1``, ``top5``, the ``k`` used (at most ``len(f_train)``),
-    ``temperature`` and with ``groups`` (:func:`protoclr.splits.class_groups`) each group's top-1."""
+    ``temperature`` and with ``groups`` (:func:`protoclr.splits.class_groups`) each group's top-1. ``progress``: a
+    bar over the test rows."""
     k = min(k, len(f_train))
-    scores = knn_predict(f_train, y_train, f_test, num_classes=num_classes, k=k, temperature=temperature)  # (M, C)
+    scores = knn_predict(f_train, y_train, f_test, num_classes=num_classes, k=k, temperature=temperature,
+                         progress=progress)  # (M, C)
     out: dict[str, Any] = {**topk_accuracy(scores, y_test), "k": k, "temperature": temperature}
     if groups is not None:
         out["groups"] = group_accuracy(scores, y_test, groups)
@@ -254,10 +259,12 @@ def knn_scores(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor,
 
 
 def cached_probe_scores(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor, *, num_classes: int,
-                        groups: dict[str, Any] | None = None) -> dict[str, Any]:
+                        groups: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     """The protocol's linear probe in detail (:func:`protoclr.evaluate.linear_probe_cached`: ``top1``, ``top5``,
-    the weight decay chosen and each one's validation top-1, per-group top-1)."""
-    return linear_probe_cached(f_train, y_train, f_test, y_test, num_classes=num_classes, groups=groups)
+    the weight decay chosen and each fitted one's validation top-1, per-group top-1). ``progress``: a bar over the
+    decays."""
+    return linear_probe_cached(f_train, y_train, f_test, y_test, num_classes=num_classes, groups=groups,
+                               progress=progress)
 
 
 def augmented_probe_scores(backbone: nn.Module, train: Any, test: Any, spec: ViewSpec, *, epochs: int,
@@ -270,15 +277,16 @@ def augmented_probe_scores(backbone: nn.Module, train: Any, test: Any, spec: Vie
                                   groups=groups, progress=progress)
 
 
-def raw_pixel_floor(train: Any, test: Any, *, linear: bool = True, stage: Callable[[str], Any] | None = None
-                    ) -> dict[str, float]:
+def raw_pixel_floor(train: Any, test: Any, *, linear: bool = True, stage: Callable[[str], Any] | None = None,
+                    progress: bool = False) -> dict[str, float]:
     """The protocol on raw pixels, centered by the training mean: the floor any representation must beat.
-    In-memory datasets only (their stored images, as uint8 -> float)."""
+    In-memory datasets only (their stored images, as uint8 -> float). ``stage``, ``progress``: as in
+    :func:`evaluate_backbone`."""
     x_tr = train.get_images(torch.arange(len(train))).flatten(1).float()  # (N, C*H*W)
     x_te = test.get_images(torch.arange(len(test))).flatten(1).float()
     mean = x_tr.mean(0)
     return score_features(x_tr - mean, train.labels.long(), x_te - mean, test.labels.long(),
-                          num_classes=len(test.classes), linear=linear, stage=stage)
+                          num_classes=len(test.classes), linear=linear, stage=stage, progress=progress)
 
 
 def random_init_floor(cfg: Any, train: Any, test: Any, spec: ViewSpec, *, linear: bool = True,
@@ -297,7 +305,7 @@ def protocol_fingerprint() -> dict[str, Any]:
     the probe's defaults (weight decays, validation split, stopping rule) and protoclr's version. A cached floor
     (:func:`cached_floor`) is recomputed when any of them changes."""
     probe = {name: p.default for name, p in inspect.signature(linear_probe_cached).parameters.items()
-             if p.default is not inspect.Parameter.empty}
+             if p.default is not inspect.Parameter.empty and name != "progress"}  # a bar changes no number
     return {"knn_k": KNN_K, "knn_temperature": KNN_TEMPERATURE, "probe": probe, "revision": PROTOCOL_REVISION,
             "version": protoclr.__version__}
 
