@@ -19,7 +19,9 @@ its seeded initialisation, or a pretrained run's with ``--checkpoint``. Stages, 
             against the previous probe (5 plain L-BFGS fits + refit, each to 300 iterations or |grad| <= 1e-6),
             kept here as :func:`old_linear_probe_cached` (``--skip-old`` to leave it out).
 Targets (issue "Answers in minutes"): probe / one sklearn fit <= 0.5; top-1 within 0.3 points of sklearn and within
-0.2 of the old probe; extraction at least as fast per image as training's forward + backward of two views.
+0.2 of the old probe; extraction at least as fast per image as training's forward + backward of two views; with
+``--study``, measurements <= 15% of a study run's wall time. The demo's evaluation against its pretraining (<= 0.5)
+is the last line ``protoclr demo`` prints.
 """
 
 from __future__ import annotations

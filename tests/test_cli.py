@@ -217,7 +217,7 @@ def test_demo_end_to_end_on_a_tiny_dataset(tmp_path, capsys, monkeypatch):
     assert len(stages) == 8 and sum("linear probe" in line for line in stages) == 3, stages
     assert "read from the cache" not in out
     for row in ("raw pixels (centered)", "convnet, random init", "convnet, pretrained", "6 steps of 64 images",
-                "pretraining", "images/s"):
+                "pretraining", "images/s", "of the pretraining)"):
         assert row in out
     (run,) = ResultsDB(tmp_path / "runs" / "demo" / "runs.db").runs()
     fm = run["final_metrics"]

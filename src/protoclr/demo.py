@@ -97,7 +97,8 @@ def cli_main(argv: list[str]) -> int:
         table.add_row(name, f"{100 * r[M.SCORE_KNN]:.1f}%", f"{100 * r[M.SCORE_LINEAR]:.1f}%")
     console.print(table)
     console.print(f"pretraining {t_train / 60:.1f} min ({steps * cfg.train.batch_size / t_train:.0f} images/s, "
-                  f"{meta['precision']} on {torch.get_num_threads()} threads), evaluation {t_eval / 60:.1f} min; "
+                  f"{meta['precision']} on {torch.get_num_threads()} threads), evaluation {t_eval / 60:.1f} min "
+                  f"({t_eval / t_train:.2f} of the pretraining); "
                   f"run folder {run_dir}")
     raw, init, trained = rows.values()
     db = ResultsDB(run.db)
