@@ -92,7 +92,8 @@ def main() -> None:
         if metrics["epoch"] not in marks:
             return {}
         t = time.perf_counter()
-        res = evaluate_backbone(encoder.backbone, train, test, spec, linear=linear)
+        res = evaluate_backbone(encoder.backbone, train, test, spec, linear=linear,
+                                device=next(encoder.parameters()).device)  # where training put it (a GPU)
         eval_seconds += time.perf_counter() - t
         minutes = (time.perf_counter() - t_start - eval_seconds) / 60
         rows.append({"what": f"pretrained, epoch {metrics['epoch'] + 1}", "step": metrics["step"],
