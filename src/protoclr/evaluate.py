@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,15 @@ def _check_num_classes(num_classes: int) -> None:
 
 # --------------------------------------------------------------------------------------------------------
 # weighted kNN (Wu et al. 2018, InstDisc; the DINO `knn_classifier`)
+
+
+def _bar(items: Sequence[Any], description: str, show: bool) -> Iterable[Any]:
+    """``items``, behind a transient rich bar with the remaining time when ``show``."""
+    if not show:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, total=len(items), transient=True)
 
 
 def knn_predict(
@@ -116,12 +125,7 @@ def knn_predict(
     test = F.normalize(test_features.to(device=train.device, dtype=dtype), dim=1)  # (M, D)
     labels = train_labels.to(train.device)
     scores = torch.zeros(test.shape[0], num_classes, dtype=dtype, device=train.device)
-    starts = range(0, test.shape[0], chunk_size)
-    if progress:
-        from rich.progress import track
-
-        starts = track(starts, description="kNN", total=len(starts), transient=True)
-    for start in starts:
+    for start in _bar(range(0, test.shape[0], chunk_size), "kNN", progress):
         sim = test[start : start + chunk_size] @ train.T  # (b, N)
         top_sim, top_idx = sim.topk(k, dim=1)  # (b, k)
         weights = (top_sim / temperature).exp()  # (b, k)
@@ -282,14 +286,9 @@ def extract_features(
     if n == 0:
         raise ValueError("dataset_or_images is empty; pass at least one image.")
     preprocess = preprocess or _default_preprocess
-    starts = range(0, n, batch_size)
-    if progress:
-        from rich.progress import track
-
-        starts = track(starts, description="features", total=len(starts), transient=True)
     chunks = []
     with _channels_last_weights(model_fn if channels_last else None):
-        for start in starts:
+        for start in _bar(range(0, n, batch_size), "features", progress):
             idx = torch.arange(start, min(start + batch_size, n))
             x = preprocess(_get_batch(dataset_or_images, idx).to(device))  # (B, C, H, W)
             if channels_last and x.dim() == 4:
@@ -517,12 +516,8 @@ def linear_probe_cached(
     if len(y_fit) >= _COARSE_MIN_ROWS and y_fit[sub].unique().numel() == y_fit.unique().numel():
         start = fit_linear_classifier(x_fit[sub].contiguous(), y_fit[sub], num_classes=num_classes,
                                       weight_decay=max(weight_decays), max_iter=max_iter, tol=tol, eigenbasis=basis)
-    path = sorted(set(weight_decays), reverse=True)  # from the largest decay down, each fit warm-started
-    if progress:
-        from rich.progress import track
-
-        path = track(path, description="probe (decays)", total=len(path), transient=True)
-    for wd in path:
+    # from the largest decay down, each fit warm-started
+    for wd in _bar(sorted(set(weight_decays), reverse=True), "probe (decays)", progress):
         start = solution[wd] = fit_linear_classifier(x_fit, y_fit, num_classes=num_classes, weight_decay=wd,
                                                      max_iter=max_iter, tol=tol, init=start, eigenbasis=basis)
         val_top1[wd] = topk_accuracy(x_tr[val_idx] @ start[0].T + start[1], y_tr[val_idx], ks=(1,))["top1"]
@@ -617,13 +612,8 @@ def linear_probe_augmented(
     steps_per_epoch = -(-n // batch_size)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    epoch_iter = range(epochs)
-    if progress:
-        from rich.progress import track
-
-        epoch_iter = track(epoch_iter, description="linear probe", transient=True)
     loss = torch.tensor(float("nan"))  # the last step's loss, reported
-    for _ in epoch_iter:
+    for _ in _bar(range(epochs), "linear probe", progress):
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
